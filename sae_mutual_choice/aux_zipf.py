@@ -1,0 +1,65 @@
+"""``aux_zipf_loss``: AuxK generalised from dead latents to latents under-used relative to Zipf.
+
+SAELens's AuxK (``calculate_topk_aux_loss``) lets each token's ``k_aux = d_in // 2`` highest-scoring
+*dead* latents reconstruct the detached residual ``e = x - x_hat`` (no ``b_dec``), scaled by
+``min(n_dead / k_aux, 1)``. Here every latent has an under-use weight ``w_j`` in ``[0, 1]``; the
+candidates are the latents with ``w_j > 0``, each selected latent's activation is multiplied by
+``w_j``, and the scale is ``min(sum_j w_j / k_aux, 1)``. With ``w`` the dead mask this is AuxK
+exactly.
+"""
+
+import torch
+from sae_lens.saes.topk_sae import act_times_W_dec
+
+from sae_mutual_choice.zipf import fit_zipf, ranks_of
+
+
+@torch.no_grad()
+def underuse_weights(
+    usage: torch.Tensor, fit_fraction: float, underuse_ratio: float
+) -> tuple[torch.Tensor, float]:
+    """Under-use weight of every latent relative to a Zipf law fitted to ``usage``. ``[F] -> [F]``.
+
+    ``usage`` is each latent's firing rate. A Zipf law is fitted to the head of its rank curve
+    (:func:`sae_mutual_choice.zipf.fit_zipf`), giving every rank a target rate ``t_r``; latent ``j``
+    at rank ``r`` gets ``w_j = clamp(1 - usage_j / (underuse_ratio * t_r), 0, 1)``: 0 once it fires
+    at least ``underuse_ratio`` of its target, 1 when it never fires. Returns ``(w, exponent)``.
+    """
+    exponent, log_scale = fit_zipf(usage, fit_fraction)
+    if log_scale == float("-inf"):
+        return torch.zeros_like(usage), exponent
+    ranks = ranks_of(usage).to(torch.float64)
+    target = torch.exp(log_scale - exponent * ranks.log())
+    weights = (1 - usage.double() / (underuse_ratio * target)).clamp(0, 1)
+    return weights.to(usage.dtype), exponent
+
+
+def aux_zipf_loss(
+    sae_in: torch.Tensor,
+    sae_out: torch.Tensor,
+    hidden_pre: torch.Tensor,
+    underuse: torch.Tensor,
+    W_dec: torch.Tensor,
+    rescale_acts_by_decoder_norm: bool,
+    coefficient: float,
+) -> torch.Tensor:
+    """The auxiliary loss for one batch (a scalar).
+
+    ``sae_in``, ``sae_out``: ``[B, d_in]``; ``hidden_pre``: ``[B, F]`` scores; ``underuse``: ``[F]``
+    weights in ``[0, 1]``; ``W_dec``: ``[F, d_in]``. The residual is detached, so only the
+    selected under-used latents (their encoder rows and decoder rows) receive gradient.
+    """
+    candidates = underuse > 0
+    n_candidates = int(candidates.sum())
+    if n_candidates == 0:
+        return sae_out.new_tensor(0.0)
+    residual = (sae_in - sae_out).detach()
+    k_aux = sae_in.shape[-1] // 2
+    scale = min(float(underuse.sum()) / k_aux, 1.0)
+    k_aux = min(k_aux, n_candidates)
+    top = torch.where(candidates[None], hidden_pre, -torch.inf).topk(k_aux, sorted=False)
+    aux_acts = torch.zeros_like(hidden_pre).scatter(
+        -1, top.indices, top.values * underuse.to(hidden_pre.dtype)[top.indices]
+    )
+    recons = act_times_W_dec(aux_acts, W_dec, rescale_acts_by_decoder_norm)
+    return coefficient * scale * (recons - residual).pow(2).sum(dim=-1).mean()

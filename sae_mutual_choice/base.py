@@ -1,0 +1,128 @@
+"""What the three training SAEs share on top of their SAELens parents.
+
+:class:`AllocationSAEMixin` goes first in the bases of each training SAE. It adds
+
+- input validation (last dimension, empty batches, non-finite values) with clear errors;
+- each latent's running firing rate (a persistent buffer, so checkpoints keep it);
+- the auxiliary loss (``aux_zipf``, ``aux_k`` or none) with its coefficient scheduled through
+  ``get_coefficients()``, and its metrics (under-used latents, fitted Zipf exponent);
+- removal of these training-only buffers from the exported inference state dict.
+"""
+
+from typing import Any
+
+import torch
+from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepOutput
+
+from sae_mutual_choice.aux_zipf import aux_zipf_loss, underuse_weights
+from sae_mutual_choice.running import debiased, ema_update_
+
+AUX_COEFFICIENT = "aux_loss"
+
+
+def validate_activations(x: torch.Tensor, d_in: int) -> None:
+    """Raise ``ValueError`` for input an SAE with ``d_in`` inputs cannot encode."""
+    if x.ndim == 0 or x.shape[-1] != d_in:
+        raise ValueError(f"activations must have last dimension d_in={d_in}, got shape {list(x.shape)}")
+    if x.shape[:-1].numel() == 0:
+        raise ValueError(f"activations must hold at least one token, got shape {list(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("activations contain NaN or infinite values")
+
+
+class AllocationSAEMixin:
+    """Shared training behaviour; see the module docstring. Call :meth:`_init_allocation_state` last in ``__init__``."""
+
+    cfg: Any
+    W_dec: torch.nn.Parameter
+    training_only_buffers: list[str]
+    latent_usage: torch.Tensor
+    latent_usage_weight: torch.Tensor
+
+    def _init_allocation_state(self) -> None:
+        self.training_only_buffers = []
+        d_sae = self.cfg.d_sae
+        self.register_training_buffer("latent_usage", torch.zeros(d_sae))
+        self.register_training_buffer("latent_usage_weight", torch.zeros(()))
+        self.step_metrics: dict[str, float] = {}  # logged through TrainStepOutput.metrics
+
+    def register_training_buffer(self, name: str, value: torch.Tensor) -> None:
+        """A persistent buffer that checkpoints keep and the inference export drops."""
+        self.register_buffer(name, value.to(self.W_dec.device))  # type: ignore[attr-defined]
+        self.training_only_buffers.append(name)
+
+    @property
+    def statistics_rate(self) -> float:
+        """EMA rate of the running statistics: ``1 / usage_window``."""
+        return 1.0 / self.cfg.usage_window
+
+    def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        validate_activations(x, self.cfg.d_in)
+        return super().encode_with_hidden_pre(x)  # type: ignore[misc]
+
+    def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
+        if self.cfg.aux_loss == "none":
+            return {}
+        return {
+            AUX_COEFFICIENT: TrainCoefficientConfig(
+                value=self.cfg.aux_loss_coefficient,
+                warm_up_steps=self.cfg.aux_loss_warm_up_steps,
+            )
+        }
+
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        output = super().training_forward_pass(step_input)  # type: ignore[misc]
+        with torch.no_grad():
+            fired = output.feature_acts.reshape(-1, self.cfg.d_sae) > 0
+            ema_update_(
+                self.latent_usage,
+                self.latent_usage_weight,
+                fired.float().mean(0),
+                self.statistics_rate,
+            )
+        output.metrics.update(self.step_metrics)
+        return output
+
+    def underuse(self, dead_neuron_mask: torch.Tensor | None) -> torch.Tensor:
+        """Each latent's aux weight in ``[0, 1]`` for the configured ``aux_loss``. ``-> [F]``."""
+        dead = (
+            torch.zeros(self.cfg.d_sae, device=self.W_dec.device)
+            if dead_neuron_mask is None
+            else dead_neuron_mask.to(self.W_dec.device, torch.float32)
+        )
+        if self.cfg.aux_loss != "aux_zipf" or float(self.latent_usage_weight) == 0:
+            return dead
+        weights, exponent = underuse_weights(
+            debiased(self.latent_usage, self.latent_usage_weight),
+            self.cfg.zipf_fit_fraction,
+            self.cfg.underuse_ratio,
+        )
+        self.step_metrics["usage_zipf_exponent"] = exponent
+        return torch.maximum(weights.float(), dead)
+
+    def calculate_aux_loss(
+        self,
+        step_input: TrainStepInput,
+        feature_acts: torch.Tensor,  # noqa: ARG002
+        hidden_pre: torch.Tensor,
+        sae_out: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        if self.cfg.aux_loss == "none":
+            return {}
+        underuse = self.underuse(step_input.dead_neuron_mask)
+        self.step_metrics["underused_latents"] = int((underuse > 0).sum())
+        loss = aux_zipf_loss(
+            sae_in=step_input.sae_in,
+            sae_out=sae_out,
+            hidden_pre=hidden_pre,
+            underuse=underuse,
+            W_dec=self.W_dec,
+            rescale_acts_by_decoder_norm=self.cfg.rescale_acts_by_decoder_norm,
+            coefficient=step_input.coefficients.get(AUX_COEFFICIENT, self.cfg.aux_loss_coefficient),
+        )
+        return {"auxiliary_reconstruction_loss": loss}
+
+    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_saving_inference(state_dict)  # type: ignore[misc]
+        for name in self.training_only_buffers:
+            state_dict.pop(name, None)

@@ -1,0 +1,81 @@
+"""Config fields shared by the three architectures, and their validation.
+
+Every field is JSON-serialisable, so SAELens's ``to_dict`` / ``from_dict`` round trip keeps it.
+Errors name the field and its allowed range.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+AUX_LOSSES = ("aux_zipf", "aux_k", "none")
+AuxLoss = Literal["aux_zipf", "aux_k", "none"]
+
+
+def check_range(
+    name: str,
+    value: Any,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite number in the interval ``low .. high``."""
+    lo_ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if lo_ok:
+        lo_ok = value > low if low_open else value >= low
+        lo_ok = lo_ok and (value < high if high_open else value <= high)
+    if not lo_ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+@dataclass(kw_only=True)
+class AuxLossFields:
+    """Auxiliary-loss and running-statistics fields shared by every architecture here.
+
+    Args:
+        aux_loss: ``"aux_zipf"`` (latents under-used relative to a Zipf fit, dead latents
+            included), ``"aux_k"`` (dead latents only: SAELens's AuxK), or ``"none"``.
+        aux_loss_warm_up_steps: steps over which the aux coefficient ramps linearly from 0
+            (through SAELens's coefficient schedulers; the value is ``aux_loss_coefficient``).
+        usage_window: time constant, in training steps, of the running firing-rate statistics
+            (bias-corrected EMAs). 1000 matches SAELens's default ``dead_feature_window``.
+        zipf_fit_fraction: share of the rank curve, from the top, that the Zipf law is fitted to.
+        underuse_ratio: a latent is under-used while it fires less than this share of its Zipf
+            target rate; its aux weight grows from 0 there to 1 at no firing.
+    """
+
+    aux_loss: AuxLoss = "aux_zipf"
+    aux_loss_warm_up_steps: int = 0
+    usage_window: int = 1000
+    zipf_fit_fraction: float = 0.5
+    underuse_ratio: float = 0.5
+
+
+def validate_common(cfg: Any, *, integer_k: bool) -> None:
+    """Validate the fields every architecture here has (``cfg`` is one of our configs)."""
+    check_range("d_in", cfg.d_in, 1, math.inf)
+    check_range("d_sae", cfg.d_sae, 1, math.inf)
+    if integer_k and (not isinstance(cfg.k, int) or isinstance(cfg.k, bool)):
+        raise ValueError(f"k must be an integer in [1, d_sae={cfg.d_sae}], got {cfg.k!r}")
+    check_range("k", cfg.k, 0, cfg.d_sae, low_open=True)
+    check_choice("aux_loss", cfg.aux_loss, AUX_LOSSES)
+    check_range("aux_loss_coefficient", cfg.aux_loss_coefficient, 0, math.inf)
+    check_range("aux_loss_warm_up_steps", cfg.aux_loss_warm_up_steps, 0, math.inf)
+    check_range("usage_window", cfg.usage_window, 1, math.inf)
+    check_range("zipf_fit_fraction", cfg.zipf_fit_fraction, 0, 1, low_open=True)
+    check_range("underuse_ratio", cfg.underuse_ratio, 0, 1, low_open=True)
+    if cfg.aux_loss != "none" and cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
+        raise ValueError(
+            f"aux_loss={cfg.aux_loss!r} does not support normalize_activations="
+            f"{cfg.normalize_activations!r} (the aux reconstruction would live in normalised space "
+            "while the residual does not); set aux_loss='none' or another normalisation"
+        )

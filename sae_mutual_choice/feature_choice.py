@@ -1,0 +1,164 @@
+"""Feature Choice: every latent takes its best tokens, up to its capacity; capacities sum to the budget.
+
+Capacities are uniform, or Zipf-shaped over latents ranked by *demand*: the share of the batch's
+Mutual Choice selection each latent would win, a running average over training. Exported as a
+JumpReLU SAE with one threshold per latent (a bias-corrected EMA of the smallest score each latent
+selected, or the exact calibration of :func:`sae_mutual_choice.thresholds.calibrate_thresholds`).
+"""
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
+from sae_lens.saes.topk_sae import TopKTrainingSAE
+from typing_extensions import override
+
+from sae_mutual_choice.allocation import batch_budget, feature_choice, mutual_choice_mask, over_tokens
+from sae_mutual_choice.base import AllocationSAEMixin
+from sae_mutual_choice.config import check_choice, check_range
+from sae_mutual_choice.mutual_choice import MutualChoiceTrainingSAEConfig
+from sae_mutual_choice.running import debiased, ema_update_
+from sae_mutual_choice.zipf import fit_zipf, round_capacities, zipf_capacities
+
+CAPACITIES = ("uniform", "zipf")
+
+
+@dataclass
+class FeatureChoiceTrainingSAEConfig(MutualChoiceTrainingSAEConfig):
+    """Mutual Choice's fields (``k``: mean latents per token, the budget) plus the capacity shape.
+
+    Args:
+        capacity: ``"zipf"`` (capacities follow a Zipf law over demand ranks) or ``"uniform"``.
+        zipf_exponent: the Zipf exponent (>= 0), or None to fit it to the demand curve as
+            training goes.
+        min_capacity_ratio: every latent's capacity is at least this share (in [0, 1]) of the
+            uniform capacity ``k * B / d_sae``, so no latent can be starved.
+    """
+
+    capacity: Literal["uniform", "zipf"] = "zipf"
+    zipf_exponent: float | None = None
+    min_capacity_ratio: float = 0.1
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "feature_choice"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("capacity", self.capacity, CAPACITIES)
+        if self.zipf_exponent is not None:
+            check_range("zipf_exponent", self.zipf_exponent, 0, float("inf"))
+        check_range("min_capacity_ratio", self.min_capacity_ratio, 0, 1)
+
+
+class FeatureChoiceTrainingSAE(AllocationSAEMixin, TopKTrainingSAE):
+    """Feature Choice training SAE on SAELens's TopK encoder/decoder; saved as JumpReLU.
+
+    Like ``nn.BatchNorm``, a forward pass in training mode updates the running statistics
+    (demand, the capacity rounding carry); in eval mode it reads them only.
+    """
+
+    cfg: FeatureChoiceTrainingSAEConfig  # type: ignore[assignment]
+    latent_demand: torch.Tensor
+    latent_demand_weight: torch.Tensor
+    capacity_carry: torch.Tensor
+    latent_threshold: torch.Tensor
+    latent_threshold_weight: torch.Tensor
+
+    def __init__(self, cfg: FeatureChoiceTrainingSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        self._init_allocation_state()
+        d_sae = cfg.d_sae
+        self.register_training_buffer("latent_demand", torch.zeros(d_sae))
+        self.register_training_buffer("latent_demand_weight", torch.zeros(()))
+        self.register_training_buffer("capacity_carry", torch.zeros(d_sae, dtype=torch.double))
+        self.register_training_buffer("latent_threshold", torch.zeros(d_sae, dtype=torch.double))
+        self.register_training_buffer("latent_threshold_weight", torch.zeros(d_sae, dtype=torch.double))
+
+    @override
+    def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return over_tokens(self.allocate)
+
+    def capacity_exponent(self) -> float:
+        """The Zipf exponent the capacities use now (0 for uniform capacities)."""
+        if self.cfg.capacity == "uniform":
+            return 0.0
+        if self.cfg.zipf_exponent is not None:
+            return self.cfg.zipf_exponent
+        if float(self.latent_demand_weight) == 0:
+            return 0.0
+        demand = debiased(self.latent_demand, self.latent_demand_weight)
+        return max(0.0, fit_zipf(demand, self.cfg.zipf_fit_fraction)[0])
+
+    def capacities(self, n_tokens: int) -> torch.Tensor:
+        """Real-valued capacities of a batch of ``n_tokens`` tokens; sum to its budget. ``-> [F]`` float64."""
+        demand = debiased(self.latent_demand, self.latent_demand_weight)
+        return zipf_capacities(
+            demand,
+            batch_budget(self.cfg.k, n_tokens),
+            n_tokens,
+            self.capacity_exponent(),
+            self.cfg.min_capacity_ratio,
+        )
+
+    def allocate(self, scores: torch.Tensor) -> torch.Tensor:
+        """Feature Choice on one batch of scores ``[B, F] -> [B, F]``."""
+        n_tokens = scores.shape[0]
+        budget = batch_budget(self.cfg.k, n_tokens)
+        if self.training and self.cfg.capacity == "zipf" and budget > 0:
+            with torch.no_grad():
+                won = mutual_choice_mask(scores.detach(), budget).sum(0)
+                ema_update_(self.latent_demand, self.latent_demand_weight, won / budget, self.statistics_rate)
+        counts, carry = round_capacities(self.capacities(n_tokens), self.capacity_carry, budget, n_tokens)
+        if self.training:
+            self.capacity_carry.copy_(carry)
+        return feature_choice(scores, counts)
+
+    @override
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        output = super().training_forward_pass(step_input)
+        with torch.no_grad():
+            acts = output.feature_acts.reshape(-1, self.cfg.d_sae)
+            smallest_selected = torch.where(acts > 0, acts, torch.inf).amin(0)
+            fired = torch.isfinite(smallest_selected)
+            ema_update_(
+                self.latent_threshold,
+                self.latent_threshold_weight,
+                torch.where(fired, smallest_selected, 0.0),
+                self.cfg.topk_threshold_lr,
+                where=fired,
+            )
+        output.metrics["capacity_zipf_exponent"] = self.capacity_exponent()
+        return output
+
+    def inference_thresholds(self) -> torch.Tensor:
+        """Per-latent JumpReLU thresholds ``[F]``; inf for a latent that never fired."""
+        value = debiased(self.latent_threshold, self.latent_threshold_weight, unset=torch.inf)
+        return value.to(self.b_enc.dtype)
+
+    @torch.no_grad()
+    def set_inference_thresholds(self, thresholds: torch.Tensor) -> None:
+        """Pin the per-latent thresholds to calibrated values ``[F]``."""
+        self.latent_threshold.copy_(thresholds)
+        self.latent_threshold_weight.fill_(1.0)
+
+    def calibration_counts(self, n_tokens: int) -> torch.Tensor:
+        """How many of ``n_tokens`` tokens each latent fires on at inference: its capacity. ``-> [F]``."""
+        budget = batch_budget(self.cfg.k, n_tokens)
+        zero_carry = torch.zeros(self.cfg.d_sae, dtype=torch.double, device=self.W_dec.device)
+        return round_capacities(self.capacities(n_tokens), zero_carry, budget, n_tokens)[0]
+
+    @override
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        super().fold_activation_norm_scaling_factor(scaling_factor)
+        if self.cfg.rescale_acts_by_decoder_norm:
+            # Scores carry the decoder norms, which the fold just divided by the factor.
+            self.latent_threshold /= scaling_factor
+
+    @override
+    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_saving_inference(state_dict)
+        state_dict["threshold"] = self.inference_thresholds()

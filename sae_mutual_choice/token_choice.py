@@ -1,0 +1,48 @@
+"""Token Choice (TopK): every token takes its k best latents. Exported as SAELens ``topk``."""
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+from sae_lens.saes.sae import SAEConfig
+from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+from typing_extensions import override
+
+from sae_mutual_choice.allocation import over_tokens, token_choice
+from sae_mutual_choice.base import AllocationSAEMixin
+from sae_mutual_choice.config import AuxLossFields, validate_common
+
+
+@dataclass
+class TokenChoiceTrainingSAEConfig(AuxLossFields, TopKTrainingSAEConfig):
+    """SAELens's TopK config plus our auxiliary-loss fields (see :class:`AuxLossFields`)."""
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "token_choice"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        validate_common(self, integer_k=True)
+        if self.use_sparse_activations:
+            raise ValueError("use_sparse_activations must be False for token_choice (dense activations only)")
+
+    @override
+    def get_inference_config_class(self) -> type[SAEConfig]:
+        return TopKSAEConfig
+
+
+class TokenChoiceTrainingSAE(AllocationSAEMixin, TopKTrainingSAE):
+    """SAELens's TopK training SAE with deterministic ties and the aux-loss options here."""
+
+    cfg: TokenChoiceTrainingSAEConfig  # type: ignore[assignment]
+
+    def __init__(self, cfg: TokenChoiceTrainingSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        self._init_allocation_state()
+
+    @override
+    def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return over_tokens(partial(token_choice, k=self.cfg.k))

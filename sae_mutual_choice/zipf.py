@@ -1,0 +1,110 @@
+"""Zipf curves over latent ranks: fitting them, and turning them into Feature Choice capacities.
+
+A latent's rank is its position when latents are sorted by a usage statistic, largest first
+(rank 1 is the most used); ties go to the lower latent index. A Zipf curve gives rank ``r`` the
+share ``r**-exponent / sum_s s**-exponent``.
+"""
+
+import math
+
+import torch
+
+
+def ranks_of(statistic: torch.Tensor) -> torch.Tensor:
+    """1-based rank of every latent by ``statistic`` (largest first, ties to the lower index). ``[F] -> [F]``."""
+    order = torch.sort(statistic, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(1, statistic.numel() + 1, device=statistic.device)
+    return ranks
+
+
+def zipf_shares(n: int, exponent: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Shares of ranks ``1..n`` under a Zipf law with ``exponent``; float64, sums to 1. ``-> [n]``."""
+    weights = torch.arange(1, n + 1, device=device, dtype=torch.float64).pow(-exponent)
+    return weights / weights.sum()
+
+
+def fit_zipf(statistic: torch.Tensor, fit_fraction: float) -> tuple[float, float]:
+    """Fit ``log s = log_scale - exponent * log rank`` to the head of the rank curve of ``statistic``.
+
+    The head is the ``ceil(fit_fraction * F)`` highest ranks; zero entries are left out of the
+    least-squares fit (their logarithm is undefined). The paper reports that latent densities
+    follow a Zipf law except at the low-density end, so the head is where the law is fitted and
+    the tail is what it is compared against. Returns ``(exponent, log_scale)``; ``(0.0, -inf)``
+    when fewer than two positive points are available.
+    """
+    values = torch.sort(statistic.detach().double().flatten(), descending=True).values
+    head = values[: max(1, math.ceil(fit_fraction * values.numel()))]
+    ranks = torch.arange(1, head.numel() + 1, dtype=torch.float64, device=head.device)
+    positive = head > 0
+    if int(positive.sum()) < 2:
+        return 0.0, -math.inf
+    x = ranks[positive].log()
+    y = head[positive].log()
+    x_centred = x - x.mean()
+    slope = float((x_centred * (y - y.mean())).sum() / x_centred.pow(2).sum())
+    log_scale = float(y.mean() - slope * x.mean())
+    return -slope, log_scale
+
+
+def zipf_capacities(
+    demand: torch.Tensor,
+    budget: int,
+    n_tokens: int,
+    exponent: float,
+    min_capacity_ratio: float,
+) -> torch.Tensor:
+    """Real-valued per-latent capacities for one batch. ``[F] -> [F]`` (float64).
+
+    Latents are ranked by ``demand``; rank ``r`` gets the share
+    ``min_capacity_ratio / F + (1 - min_capacity_ratio) * zipf(r)`` of ``budget``, so every latent
+    owns at least ``min_capacity_ratio`` of the uniform share. No latent can take more than the
+    ``n_tokens`` tokens of the batch: capacities over that cap are set to it and the excess is
+    redistributed to the others in proportion to their shares (water filling). The result sums
+    to ``budget`` and lies in ``[0, n_tokens]``.
+    """
+    n_latents = demand.numel()
+    if budget > n_latents * n_tokens:
+        raise ValueError(f"budget {budget} exceeds n_latents * n_tokens = {n_latents * n_tokens}")
+    by_rank = zipf_shares(n_latents, exponent, demand.device)
+    shares = min_capacity_ratio / n_latents + (1 - min_capacity_ratio) * by_rank
+    shares = shares[ranks_of(demand) - 1]
+    capped = torch.zeros(n_latents, dtype=torch.bool, device=demand.device)
+    capacities = shares * budget
+    while True:
+        over = (capacities > n_tokens) & ~capped
+        if not bool(over.any()):
+            return capacities
+        capped |= over
+        remaining = budget - n_tokens * int(capped.sum())
+        free_shares = torch.where(capped, 0.0, shares)
+        capacities = torch.where(capped, float(n_tokens), free_shares * (remaining / free_shares.sum()))
+
+
+def round_capacities(
+    capacities: torch.Tensor, carry: torch.Tensor, budget: int, n_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer capacities summing to ``budget`` exactly, with the rounding error carried over.
+
+    ``capacities`` are the real targets (summing to ``budget``), ``carry`` the rounding error each
+    latent was left with last batch (float64, sums to 0). Largest-remainder rounding of
+    ``capacities + carry``: every latent gets the floor, the latents with the largest remainders
+    (ties to the lower index) get one more until the budget is met, and no latent exceeds
+    ``n_tokens``. A latent whose capacity is below one token is therefore served in a fraction of
+    the batches, rotating, and over many batches receives its real capacity on average.
+    Returns ``(integer capacities [F] long, new carry [F] float64)``.
+    """
+    target = capacities.double() + carry.double()
+    rounded = target.floor().clamp(0, n_tokens)
+    remainder = target - rounded
+    shortfall = budget - int(rounded.sum())
+    if shortfall > 0:
+        room = torch.where(rounded < n_tokens, remainder, -math.inf)
+        order = torch.sort(room, descending=True, stable=True).indices
+        rounded[order[:shortfall]] += 1
+    elif shortfall < 0:
+        # Only reachable through float drift of the carry; take back from the smallest remainders.
+        room = torch.where(rounded > 0, remainder, math.inf)
+        order = torch.sort(room, stable=True).indices
+        rounded[order[:-shortfall]] -= 1
+    return rounded.long(), target - rounded
