@@ -8,7 +8,7 @@ Choice, latent index for Token Choice, flat ``token * F + latent`` for Mutual Ch
 output never depends on the sorting kernel.
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

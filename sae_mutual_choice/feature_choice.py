@@ -6,8 +6,9 @@ JumpReLU SAE with one threshold per latent (a bias-corrected EMA of the smallest
 selected, or the exact calibration of :func:`sae_mutual_choice.thresholds.calibrate_thresholds`).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput

@@ -5,8 +5,9 @@ global threshold, estimated during training by a *bias-corrected* EMA of the sma
 score, or set exactly by :func:`sae_mutual_choice.thresholds.calibrate_thresholds`.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig

@@ -8,15 +8,13 @@ each latent, the threshold under which exactly its capacity's worth of the ``N``
 it. Scores are computed a block of latents at a time, so memory is bounded by ``N`` times the block.
 """
 
-from typing import Union
-
 import torch
 
 from sae_mutual_choice.base import validate_activations
 from sae_mutual_choice.feature_choice import FeatureChoiceTrainingSAE
 from sae_mutual_choice.mutual_choice import MutualChoiceTrainingSAE
 
-CalibratedSAE = Union[MutualChoiceTrainingSAE, FeatureChoiceTrainingSAE]
+CalibratedSAE = MutualChoiceTrainingSAE | FeatureChoiceTrainingSAE
 
 
 def latent_scores(sae: CalibratedSAE, sae_in: torch.Tensor, latents: slice) -> torch.Tensor:
@@ -44,7 +42,9 @@ def calibrate_thresholds(
     A threshold is never below 0: only positive scores fire.
     """
     if not isinstance(sae, (MutualChoiceTrainingSAE, FeatureChoiceTrainingSAE)):
-        raise TypeError(f"calibrate_thresholds takes a mutual_choice or feature_choice training SAE, got {type(sae).__name__}")
+        raise TypeError(
+            f"calibrate_thresholds takes a mutual_choice or feature_choice training SAE, got {type(sae).__name__}"
+        )
     validate_activations(activations, sae.cfg.d_in)
     sae_in = sae.process_sae_in(activations.reshape(-1, sae.cfg.d_in).to(sae.W_enc.device))
     n_tokens, n_latents = sae_in.shape[0], sae.cfg.d_sae
@@ -54,7 +54,9 @@ def calibrate_thresholds(
     if isinstance(counts, int):
         thresholds = torch.full((n_latents,), _global_threshold(sae, sae_in, blocks, counts))
     else:
-        thresholds = torch.cat([_per_latent_thresholds(latent_scores(sae, sae_in, s), counts[s]) for s in blocks])
+        thresholds = torch.cat(
+            [_per_latent_thresholds(latent_scores(sae, sae_in, s), counts[s]) for s in blocks]
+        )
     thresholds = thresholds.clamp(min=0).to(sae.W_enc.device)
     sae.set_inference_thresholds(thresholds)
     return sae.inference_thresholds()

@@ -1,8 +1,8 @@
 """Token Choice (TopK): every token takes its k best latents. Exported as SAELens ``topk``."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 from sae_lens.saes.sae import SAEConfig

@@ -1,0 +1,103 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sae_mutual_choice.zipf import fit_zipf, ranks_of, round_capacities, zipf_capacities, zipf_shares
+
+
+def test_ranks_largest_first_ties_to_lower_index():
+    assert torch.equal(ranks_of(torch.tensor([0.1, 0.5, 0.1, 0.9])), torch.tensor([3, 2, 4, 1]))
+
+
+def test_zipf_shares_hand_example():
+    # exponent 1 over 3 ranks: 1, 1/2, 1/3 normalised by 11/6.
+    expected = torch.tensor([6 / 11, 3 / 11, 2 / 11], dtype=torch.float64)
+    torch.testing.assert_close(zipf_shares(3, 1.0), expected)
+
+
+@pytest.mark.parametrize("exponent", [0.0, 0.7, 1.0, 1.6])
+def test_fit_zipf_recovers_the_exponent_and_scale(exponent):
+    curve = 0.3 * torch.arange(1, 501, dtype=torch.float64).pow(-exponent)
+    shuffled = curve[torch.randperm(500, generator=torch.Generator().manual_seed(0))]
+    fitted, log_scale = fit_zipf(shuffled, fit_fraction=0.5)
+    assert fitted == pytest.approx(exponent, abs=1e-9)
+    assert log_scale == pytest.approx(math.log(0.3), abs=1e-9)
+
+
+def test_fit_zipf_ignores_the_tail_and_zeros():
+    curve = torch.arange(1, 101, dtype=torch.float64).pow(-1.0)
+    curve[60:] = 0.0  # a dead tail
+    assert fit_zipf(curve, fit_fraction=0.5)[0] == pytest.approx(1.0, abs=1e-9)
+    assert fit_zipf(torch.zeros(10), fit_fraction=0.5) == (0.0, -math.inf)
+
+
+def test_capacities_follow_demand_ranks():
+    demand = torch.tensor([0.1, 0.4, 0.0, 0.2])
+    capacities = zipf_capacities(demand, budget=40, n_tokens=100, exponent=1.0, min_capacity_ratio=0.0)
+    shares = zipf_shares(4, 1.0)
+    torch.testing.assert_close(capacities, 40 * shares[torch.tensor([2, 0, 3, 1])])
+
+
+def test_capacities_cap_at_the_batch_and_redistribute():
+    # Zipf with a steep exponent asks rank 1 for most of the budget; it can take only n_tokens.
+    capacities = zipf_capacities(
+        torch.arange(8.0), budget=40, n_tokens=10, exponent=2.0, min_capacity_ratio=0.0
+    )
+    assert float(capacities.max()) == pytest.approx(10.0)
+    assert float(capacities.sum()) == pytest.approx(40.0)
+    assert (capacities <= 10 + 1e-9).all()
+    # Uncapped latents keep their Zipf proportions.
+    free = capacities < 10 - 1e-9
+    ratios = capacities[free] / zipf_shares(8, 2.0)[ranks_of(torch.arange(8.0)) - 1][free]
+    torch.testing.assert_close(ratios, torch.full_like(ratios, float(ratios[0])))
+
+
+def test_min_capacity_ratio_is_a_floor():
+    capacities = zipf_capacities(
+        torch.rand(1000), budget=2000, n_tokens=64, exponent=1.5, min_capacity_ratio=0.2
+    )
+    assert float(capacities.min()) >= 0.2 * 2000 / 1000 - 1e-9
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.integers(1, 50),
+    st.integers(1, 40),
+    st.floats(0.0, 2.5),
+    st.floats(0.0, 1.0),
+    st.floats(0.01, 1.0),
+    st.integers(0, 2**16),
+)
+def test_rounded_capacities_sum_to_the_budget_for_every_batch(
+    n_latents, n_tokens, exponent, min_ratio, k_share, seed
+):
+    budget = int(k_share * n_latents * n_tokens)
+    demand = torch.rand(n_latents, generator=torch.Generator().manual_seed(seed))
+    carry = torch.zeros(n_latents, dtype=torch.float64)
+    capacities = zipf_capacities(demand, budget, n_tokens, exponent, min_ratio)
+    assert float(capacities.sum()) == pytest.approx(budget, abs=1e-6)
+    for _ in range(3):
+        counts, carry = round_capacities(capacities, carry, budget, n_tokens)
+        assert int(counts.sum()) == budget
+        assert (counts >= 0).all() and (counts <= n_tokens).all()
+        assert float(carry.abs().max()) < 1 + 1e-9
+
+
+def test_fractional_capacities_rotate_so_every_latent_is_served():
+    # Budget 3 for 12 latents: each latent owns 1/4 of a token per batch.
+    capacities = zipf_capacities(torch.zeros(12), budget=3, n_tokens=8, exponent=0.0, min_capacity_ratio=0.0)
+    carry = torch.zeros(12, dtype=torch.float64)
+    served = torch.zeros(12, dtype=torch.long)
+    for _ in range(4):
+        counts, carry = round_capacities(capacities, carry, 3, 8)
+        assert int(counts.sum()) == 3
+        served += counts
+    assert torch.equal(served, torch.ones(12, dtype=torch.long))
+
+
+def test_budget_larger_than_the_batch_is_refused():
+    with pytest.raises(ValueError, match="budget"):
+        zipf_capacities(torch.zeros(3), budget=10, n_tokens=3, exponent=1.0, min_capacity_ratio=0.0)
