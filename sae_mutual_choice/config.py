@@ -31,6 +31,12 @@ def check_range(
         raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
 
 
+def check_integer(name: str, value: Any, low: int) -> None:
+    """Raise ``ValueError`` unless ``value`` is an integer ``>= low``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
 def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     """Raise ``ValueError`` unless ``value`` is one of ``allowed``."""
     if value not in allowed:
@@ -69,8 +75,8 @@ def validate_common(cfg: Any, *, integer_k: bool) -> None:
     check_range("k", cfg.k, 0, cfg.d_sae, low_open=True)
     check_choice("aux_loss", cfg.aux_loss, AUX_LOSSES)
     check_range("aux_loss_coefficient", cfg.aux_loss_coefficient, 0, math.inf)
-    check_range("aux_loss_warm_up_steps", cfg.aux_loss_warm_up_steps, 0, math.inf)
-    check_range("usage_window", cfg.usage_window, 1, math.inf)
+    check_integer("aux_loss_warm_up_steps", cfg.aux_loss_warm_up_steps, 0)
+    check_integer("usage_window", cfg.usage_window, 1)
     check_range("zipf_fit_fraction", cfg.zipf_fit_fraction, 0, 1, low_open=True)
     check_range("underuse_ratio", cfg.underuse_ratio, 0, 1, low_open=True)
     if cfg.aux_loss != "none" and cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):

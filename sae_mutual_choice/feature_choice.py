@@ -2,13 +2,13 @@
 
 Capacities are uniform, or Zipf-shaped over latents ranked by *demand*: the share of the batch's
 Mutual Choice selection each latent would win, a running average over training. Exported as a
-JumpReLU SAE with one threshold per latent (a bias-corrected EMA of the smallest score each latent
-selected, or the exact calibration of :func:`sae_mutual_choice.thresholds.calibrate_thresholds`).
+JumpReLU SAE with one threshold per latent (see :mod:`sae_mutual_choice.thresholds`); the running
+estimate is a bias-corrected EMA of the smallest score each latent selected.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
@@ -20,6 +20,7 @@ from sae_mutual_choice.base import AllocationSAEMixin
 from sae_mutual_choice.config import check_choice, check_range
 from sae_mutual_choice.mutual_choice import MutualChoiceTrainingSAEConfig
 from sae_mutual_choice.running import debiased, ema_update_
+from sae_mutual_choice.thresholds import JumpReLUExportMixin
 from sae_mutual_choice.zipf import fit_zipf, round_capacities, zipf_capacities
 
 CAPACITIES = ("uniform", "zipf")
@@ -54,7 +55,7 @@ class FeatureChoiceTrainingSAEConfig(MutualChoiceTrainingSAEConfig):
         check_range("min_capacity_ratio", self.min_capacity_ratio, 0, 1)
 
 
-class FeatureChoiceTrainingSAE(AllocationSAEMixin, TopKTrainingSAE):
+class FeatureChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, TopKTrainingSAE):
     """Feature Choice training SAE on SAELens's TopK encoder/decoder; saved as JumpReLU.
 
     Like ``nn.BatchNorm``, a forward pass in training mode updates the running statistics
@@ -77,6 +78,7 @@ class FeatureChoiceTrainingSAE(AllocationSAEMixin, TopKTrainingSAE):
         self.register_training_buffer("capacity_carry", torch.zeros(d_sae, dtype=torch.double))
         self.register_training_buffer("latent_threshold", torch.zeros(d_sae, dtype=torch.double))
         self.register_training_buffer("latent_threshold_weight", torch.zeros(d_sae, dtype=torch.double))
+        self._init_export_state()
 
     @override
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -134,16 +136,10 @@ class FeatureChoiceTrainingSAE(AllocationSAEMixin, TopKTrainingSAE):
         output.metrics["capacity_zipf_exponent"] = self.capacity_exponent()
         return output
 
-    def inference_thresholds(self) -> torch.Tensor:
-        """Per-latent JumpReLU thresholds ``[F]``; inf for a latent that never fired."""
+    def ema_thresholds(self) -> torch.Tensor:
+        """Per-latent bias-corrected running thresholds ``[F]``; inf for a latent that never fired."""
         value = debiased(self.latent_threshold, self.latent_threshold_weight, unset=torch.inf)
         return value.to(self.b_enc.dtype)
-
-    @torch.no_grad()
-    def set_inference_thresholds(self, thresholds: torch.Tensor) -> None:
-        """Pin the per-latent thresholds to calibrated values ``[F]``."""
-        self.latent_threshold.copy_(thresholds)
-        self.latent_threshold_weight.fill_(1.0)
 
     def calibration_counts(self, n_tokens: int) -> torch.Tensor:
         """How many of ``n_tokens`` tokens each latent fires on at inference: its capacity. ``-> [F]``."""
@@ -156,10 +152,4 @@ class FeatureChoiceTrainingSAE(AllocationSAEMixin, TopKTrainingSAE):
     def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
         super().fold_activation_norm_scaling_factor(scaling_factor)
         if self.cfg.rescale_acts_by_decoder_norm:
-            # Scores carry the decoder norms, which the fold just divided by the factor.
-            self.latent_threshold /= scaling_factor
-
-    @override
-    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
-        super().process_state_dict_for_saving_inference(state_dict)
-        state_dict["threshold"] = self.inference_thresholds()
+            self.latent_threshold /= scaling_factor  # as the calibrated thresholds, see there

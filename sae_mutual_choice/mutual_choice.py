@@ -1,13 +1,12 @@
 """Mutual Choice: the budget's worth of largest (token, latent) scores of the whole batch fire.
 
 Built on SAELens's BatchTopK (which selects the same pairs). Exported as a JumpReLU SAE with one
-global threshold, estimated during training by a *bias-corrected* EMA of the smallest selected
-score, or set exactly by :func:`sae_mutual_choice.thresholds.calibrate_thresholds`.
+global threshold (see :mod:`sae_mutual_choice.thresholds` for where it comes from); the running
+estimate is a *bias-corrected* EMA of the smallest selected score of each batch.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
@@ -15,8 +14,9 @@ from typing_extensions import override
 
 from sae_mutual_choice.allocation import batch_budget, mutual_choice, over_tokens
 from sae_mutual_choice.base import AllocationSAEMixin
-from sae_mutual_choice.config import AuxLossFields, check_range, validate_common
+from sae_mutual_choice.config import AuxLossFields, check_integer, check_range, validate_common
 from sae_mutual_choice.running import debiased
+from sae_mutual_choice.thresholds import JumpReLUExportMixin
 
 
 @dataclass
@@ -24,8 +24,15 @@ class MutualChoiceTrainingSAEConfig(AuxLossFields, BatchTopKTrainingSAEConfig):
     """SAELens's BatchTopK config plus our auxiliary-loss fields.
 
     ``k`` (float) is the mean number of latents per token; a batch of B tokens fires at most
-    ``int(k * B)`` pairs. ``topk_threshold_lr`` is the rate of the threshold EMA.
+    ``int(k * B)`` pairs. ``topk_threshold_lr`` is the rate of the running threshold estimate;
+    0.1 rather than BatchTopK's 0.01, because the per-batch boundary is an order statistic of many
+    pairs (little noise) and a slow average trails the threshold as it rises during training.
+    ``threshold_calibration_tokens``: how many of the latest training inputs the SAE keeps to
+    calibrate its exported thresholds exactly (0: export the running estimate instead).
     """
+
+    topk_threshold_lr: float = 0.1
+    threshold_calibration_tokens: int = 16384
 
     @override
     @classmethod
@@ -36,9 +43,10 @@ class MutualChoiceTrainingSAEConfig(AuxLossFields, BatchTopKTrainingSAEConfig):
         super().__post_init__()
         validate_common(self, integer_k=False)
         check_range("topk_threshold_lr", self.topk_threshold_lr, 0, 1, low_open=True)
+        check_integer("threshold_calibration_tokens", self.threshold_calibration_tokens, 0)
 
 
-class MutualChoiceTrainingSAE(AllocationSAEMixin, BatchTopKTrainingSAE):
+class MutualChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, BatchTopKTrainingSAE):
     """SAELens's BatchTopK training SAE with deterministic ties, our aux losses and a debiased threshold."""
 
     cfg: MutualChoiceTrainingSAEConfig  # type: ignore[assignment]
@@ -48,6 +56,7 @@ class MutualChoiceTrainingSAE(AllocationSAEMixin, BatchTopKTrainingSAE):
         super().__init__(cfg, use_error_term)
         self._init_allocation_state()
         self.register_training_buffer("topk_threshold_weight", torch.zeros((), dtype=torch.double))
+        self._init_export_state()
 
     @override
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -63,24 +72,11 @@ class MutualChoiceTrainingSAE(AllocationSAEMixin, BatchTopKTrainingSAE):
             lr = self.cfg.topk_threshold_lr
             self.topk_threshold_weight.mul_(1 - lr).add_(lr)
 
-    def inference_thresholds(self) -> torch.Tensor:
-        """The JumpReLU threshold of every latent (one global value). ``-> [F]``; inf before any update."""
+    def ema_thresholds(self) -> torch.Tensor:
+        """The bias-corrected running threshold for every latent (one global value); inf before any update."""
         value = debiased(self.topk_threshold, self.topk_threshold_weight, unset=torch.inf)
         return torch.ones_like(self.b_enc) * value.to(self.b_enc.dtype)
-
-    @torch.no_grad()
-    def set_inference_thresholds(self, thresholds: torch.Tensor) -> None:
-        """Pin the threshold to a calibrated value (``[F]``, all equal for Mutual Choice)."""
-        if not bool((thresholds == thresholds[0]).all()):
-            raise ValueError("mutual_choice has one global threshold: thresholds must all be equal")
-        self.topk_threshold.fill_(float(thresholds[0]))
-        self.topk_threshold_weight.fill_(1.0)
 
     def calibration_counts(self, n_tokens: int) -> int:
         """How many (token, latent) pairs of ``n_tokens`` tokens fire at inference: the budget."""
         return batch_budget(self.cfg.k, n_tokens)
-
-    @override
-    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
-        super().process_state_dict_for_saving_inference(state_dict)
-        state_dict["threshold"] = self.inference_thresholds()

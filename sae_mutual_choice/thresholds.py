@@ -1,23 +1,119 @@
-"""Exact threshold calibration for the per-token (JumpReLU) export of Mutual and Feature Choice SAEs.
+"""Thresholds for the per-token (JumpReLU) export of Mutual and Feature Choice SAEs.
 
-At inference the batch is gone, so a latent fires when its score exceeds a threshold. The
-training-time thresholds are running estimates; :func:`calibrate_thresholds` replaces them with
-exact order statistics on activations the user supplies: Mutual Choice gets the one global
-threshold under which ``int(k * N)`` of the ``N x F`` scores lie above it, Feature Choice gets, for
-each latent, the threshold under which exactly its capacity's worth of the ``N`` tokens lie above
-it. Scores are computed a block of latents at a time, so memory is bounded by ``N`` times the block.
+At inference the batch is gone, so a latent fires when its score exceeds a threshold. Where the
+exported thresholds come from, first match wins:
+
+1. an explicit :func:`calibrate_thresholds` on activations the user supplies (until training
+   moves on);
+2. the exact calibration on the last ``threshold_calibration_tokens`` training inputs, which the
+   SAE keeps in a buffer, computed with the final weights when the inference model is saved;
+3. the bias-corrected running estimate kept during training (also logged as a metric).
+
+Exact calibration uses order statistics: Mutual Choice gets the one global threshold with
+``int(k * N)`` of the ``N x F`` scores above it; Feature Choice gets, per latent, the threshold
+with exactly its capacity's worth of the ``N`` tokens above it. Scores are computed a block of
+latents at a time, so memory is bounded by ``N`` times the block.
 """
 
+from typing import Any
+
 import torch
+from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 
 from sae_mutual_choice.base import validate_activations
-from sae_mutual_choice.feature_choice import FeatureChoiceTrainingSAE
-from sae_mutual_choice.mutual_choice import MutualChoiceTrainingSAE
-
-CalibratedSAE = MutualChoiceTrainingSAE | FeatureChoiceTrainingSAE
 
 
-def latent_scores(sae: CalibratedSAE, sae_in: torch.Tensor, latents: slice) -> torch.Tensor:
+class JumpReLUExportMixin:
+    """Threshold sources and the JumpReLU export, for an SAE that also has ``AllocationSAEMixin``.
+
+    The host class provides ``ema_thresholds()`` (``[F]``, its running estimate) and
+    ``calibration_counts(n_tokens)`` (an int for one global count, or a tensor ``[F]`` of
+    per-latent counts). The kept training inputs are exactly what ``training_forward_pass``
+    received, so they go through ``process_sae_in`` like any input.
+    """
+
+    cfg: Any
+    W_enc: torch.nn.Parameter
+    W_dec: torch.nn.Parameter
+    b_enc: torch.nn.Parameter
+    recent_inputs: torch.Tensor
+    recent_inputs_filled: torch.Tensor
+    recent_inputs_next: torch.Tensor
+    calibrated_thresholds: torch.Tensor
+
+    def _init_export_state(self) -> None:
+        n = self.cfg.threshold_calibration_tokens
+        register = self.register_training_buffer  # type: ignore[attr-defined]
+        register("recent_inputs", torch.zeros(n, self.cfg.d_in, dtype=self.W_dec.dtype))
+        register("recent_inputs_filled", torch.zeros((), dtype=torch.long))
+        register("recent_inputs_next", torch.zeros((), dtype=torch.long))
+        # NaN: no explicit calibration in force.
+        register("calibrated_thresholds", torch.full((self.cfg.d_sae,), torch.nan, dtype=torch.double))
+
+    def ema_thresholds(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def calibration_counts(self, n_tokens: int) -> int | torch.Tensor:
+        raise NotImplementedError
+
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        output = super().training_forward_pass(step_input)  # type: ignore[misc]
+        self.remember_inputs(step_input.sae_in)
+        return output
+
+    @torch.no_grad()
+    def remember_inputs(self, sae_in: torch.Tensor) -> None:
+        """Keep the latest training inputs (a ring buffer) and drop any explicit calibration."""
+        self.calibrated_thresholds.fill_(torch.nan)
+        capacity = self.recent_inputs.shape[0]
+        if capacity == 0:
+            return
+        rows = sae_in.detach().reshape(-1, self.cfg.d_in)[-capacity:]
+        start = int(self.recent_inputs_next)
+        slots = (start + torch.arange(rows.shape[0], device=self.recent_inputs.device)) % capacity
+        self.recent_inputs[slots] = rows.to(self.recent_inputs)
+        self.recent_inputs_next.fill_((start + rows.shape[0]) % capacity)
+        self.recent_inputs_filled.fill_(min(capacity, int(self.recent_inputs_filled) + rows.shape[0]))
+
+    def set_inference_thresholds(self, thresholds: torch.Tensor) -> None:
+        """Pin the exported thresholds (``[F]``) until the next training step."""
+        with torch.no_grad():
+            self.calibrated_thresholds.copy_(thresholds)
+
+    def inference_thresholds(self) -> torch.Tensor:
+        """The thresholds the JumpReLU export uses now (see the module docstring). ``-> [F]``."""
+        if not bool(self.calibrated_thresholds.isnan().any()):
+            thresholds = self.calibrated_thresholds
+        elif int(self.recent_inputs_filled) > 0:
+            thresholds = exact_thresholds(self, self.recent_inputs[: int(self.recent_inputs_filled)])
+        else:
+            thresholds = self.ema_thresholds()
+        return thresholds.to(self.b_enc.dtype)
+
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        super().fold_activation_norm_scaling_factor(scaling_factor)  # type: ignore[misc]
+        # The kept inputs were scaled by the factor; the folded SAE takes unscaled inputs.
+        self.recent_inputs /= scaling_factor
+        if self.cfg.rescale_acts_by_decoder_norm:
+            # Scores carry the decoder norms, which the fold just divided by the factor.
+            self.calibrated_thresholds /= scaling_factor
+
+    @torch.no_grad()
+    def fold_activation_whitening(
+        self, mean: torch.Tensor, whitening_matrix: torch.Tensor, unwhitening_matrix: torch.Tensor
+    ) -> None:
+        super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)  # type: ignore[misc]
+        # Scores are unchanged by the fold; the kept (whitened) inputs go back to raw activations.
+        raw = self.recent_inputs.double() @ unwhitening_matrix.double().to(self.recent_inputs.device)
+        self.recent_inputs.copy_(raw + mean.double().to(raw.device))
+
+    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_saving_inference(state_dict)  # type: ignore[misc]
+        state_dict["threshold"] = self.inference_thresholds()
+
+
+def latent_scores(sae: Any, sae_in: torch.Tensor, latents: slice) -> torch.Tensor:
     """The training scores (``hidden_pre``) of a block of latents. ``[N, d_in] -> [N, len(latents)]``.
 
     ``sae_in`` has been through ``sae.process_sae_in``. Equals ``sae.encode_with_hidden_pre(x)[1]``
@@ -30,48 +126,57 @@ def latent_scores(sae: CalibratedSAE, sae_in: torch.Tensor, latents: slice) -> t
 
 
 @torch.no_grad()
-def calibrate_thresholds(
-    sae: CalibratedSAE, activations: torch.Tensor, max_block_bytes: int = 1 << 28
+def exact_thresholds(
+    sae: JumpReLUExportMixin, activations: torch.Tensor, max_block_bytes: int = 1 << 28
 ) -> torch.Tensor:
-    """Set ``sae``'s inference thresholds exactly from ``activations`` and return them (``[F]``).
-
-    ``activations``: ``[..., d_in]`` raw activations from the training distribution (use held-out
-    data, as many tokens as fit). After this, ``sae.save_inference_model`` (and the runner's final
-    save) exports these thresholds, and the exported JumpReLU SAE fires on these activations with
-    a mean L0 of ``int(k * N) / N`` (Mutual Choice) or each latent at its capacity (Feature Choice).
-    A threshold is never below 0: only positive scores fire.
-    """
-    if not isinstance(sae, (MutualChoiceTrainingSAE, FeatureChoiceTrainingSAE)):
-        raise TypeError(
-            f"calibrate_thresholds takes a mutual_choice or feature_choice training SAE, got {type(sae).__name__}"
-        )
-    validate_activations(activations, sae.cfg.d_in)
-    sae_in = sae.process_sae_in(activations.reshape(-1, sae.cfg.d_in).to(sae.W_enc.device))
+    """Exact thresholds of ``sae`` on ``activations`` (``[..., d_in]``); never below 0. ``-> [F]`` float64."""
+    x = activations.reshape(-1, sae.cfg.d_in).to(sae.W_enc.device, sae.W_enc.dtype)
+    sae_in = sae.process_sae_in(x)  # type: ignore[attr-defined]
     n_tokens, n_latents = sae_in.shape[0], sae.cfg.d_sae
     block = max(1, min(n_latents, max_block_bytes // (4 * n_tokens)))
     blocks = [slice(start, min(start + block, n_latents)) for start in range(0, n_latents, block)]
     counts = sae.calibration_counts(n_tokens)
     if isinstance(counts, int):
-        thresholds = torch.full((n_latents,), _global_threshold(sae, sae_in, blocks, counts))
+        thresholds = torch.full(
+            (n_latents,), _global_threshold(sae, sae_in, blocks, counts), dtype=torch.double
+        )
     else:
         thresholds = torch.cat(
             [_per_latent_thresholds(latent_scores(sae, sae_in, s), counts[s]) for s in blocks]
+        ).double()
+    return thresholds.clamp(min=0).to(sae.W_enc.device)
+
+
+def calibrate_thresholds(sae: Any, activations: torch.Tensor) -> torch.Tensor:
+    """Set ``sae``'s exported thresholds exactly from ``activations`` and return them (``[F]``).
+
+    ``sae``: a ``mutual_choice`` or ``feature_choice`` training SAE after training.
+    ``activations``: ``[..., d_in]`` raw activations from the training distribution, preferably
+    held out. The next ``save_inference_model`` (or the runner's final save) exports these
+    thresholds; on these activations the exported JumpReLU SAE then has mean L0
+    ``int(k * N) / N`` (Mutual Choice), or fires each latent on exactly its capacity's worth of
+    tokens (Feature Choice). A training step afterwards drops the calibration.
+    """
+    if not isinstance(sae, JumpReLUExportMixin):
+        raise TypeError(
+            f"calibrate_thresholds takes a mutual_choice or feature_choice training SAE, got {type(sae).__name__}"
         )
-    thresholds = thresholds.clamp(min=0).to(sae.W_enc.device)
-    sae.set_inference_thresholds(thresholds)
+    validate_activations(activations, sae.cfg.d_in)
+    sae.set_inference_thresholds(exact_thresholds(sae, activations))
     return sae.inference_thresholds()
 
 
 def _per_latent_thresholds(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """For each column, the ``(count + 1)``-th largest score (``-inf`` when count is every token)."""
     n_tokens = scores.shape[0]
+    counts = counts.to(scores.device)
     depth = min(n_tokens, int(counts.max()) + 1)
     ordered = scores.float().topk(depth, dim=0).values
-    below = ordered.gather(0, counts.clamp(max=depth - 1)[None].to(scores.device))[0]
-    return torch.where(counts.to(scores.device) >= n_tokens, -torch.inf, below).cpu()
+    below = ordered.gather(0, counts.clamp(max=depth - 1)[None])[0]
+    return torch.where(counts >= n_tokens, -torch.inf, below)
 
 
-def _global_threshold(sae: CalibratedSAE, sae_in: torch.Tensor, blocks: list[slice], count: int) -> float:
+def _global_threshold(sae: Any, sae_in: torch.Tensor, blocks: list[slice], count: int) -> float:
     """The ``(count + 1)``-th largest score over all tokens and latents (``-inf`` if there is none)."""
     kept = sae_in.new_empty(0, dtype=torch.float32)
     for latents in blocks:

@@ -51,10 +51,19 @@ def _assert_same_steps(ours, theirs, n_steps: int = 4) -> None:
 
 @pytest.mark.parametrize("rescale", [True, False])
 def test_mutual_choice_with_aux_k_equals_batchtopk(tmp_path, rescale):
-    common = {"d_in": D_IN, "d_sae": D_SAE, "k": 3.5, "rescale_acts_by_decoder_norm": rescale}
+    common = {
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "k": 3.5,
+        "rescale_acts_by_decoder_norm": rescale,
+        "topk_threshold_lr": 0.01,
+    }
     torch.manual_seed(0)
     theirs = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common))
-    ours = MutualChoiceTrainingSAE(MutualChoiceTrainingSAEConfig(**common, aux_loss="aux_k"))
+    # threshold_calibration_tokens=0: export the running estimate, to compare it with SAELens's.
+    ours = MutualChoiceTrainingSAE(
+        MutualChoiceTrainingSAEConfig(**common, aux_loss="aux_k", threshold_calibration_tokens=0)
+    )
     copy_parameters(theirs, ours)
     _assert_same_steps(ours, theirs)
 

@@ -1,0 +1,126 @@
+import pytest
+import torch
+from helpers import step_input
+from sae_lens.saes.sae import TrainCoefficientConfig
+
+from sae_mutual_choice import MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig, aux_zipf_loss
+from sae_mutual_choice.aux_zipf import underuse_weights
+
+D_IN, D_SAE = 10, 40
+
+
+def _sae(**kwargs) -> MutualChoiceTrainingSAE:
+    torch.manual_seed(0)
+    return MutualChoiceTrainingSAE(MutualChoiceTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=3.0, **kwargs))
+
+
+def _batch(seed: int = 0):
+    x = torch.randn(32, D_IN, generator=torch.Generator().manual_seed(seed))
+    return x
+
+
+def test_underuse_weights_hand_example():
+    # Head (first half) is exactly 0.4 / rank; the tail falls short of that line.
+    usage = torch.tensor([0.4, 0.2, 0.4 / 3, 0.1, 0.02, 0.0], dtype=torch.float64)
+    weights, exponent = underuse_weights(usage, fit_fraction=0.5, underuse_ratio=0.5)
+    assert exponent == pytest.approx(1.0)
+    # Rank 5 target 0.08: 0.02 / (0.5 * 0.08) = 0.5 -> weight 0.5; rank 6 never fires -> 1.
+    torch.testing.assert_close(weights, torch.tensor([0, 0, 0, 0, 0.5, 1.0], dtype=torch.float64))
+
+
+def test_nothing_underused_gives_zero_loss():
+    usage = 0.3 * torch.arange(1, D_SAE + 1, dtype=torch.float32).pow(-0.8)
+    weights, _ = underuse_weights(usage[torch.randperm(D_SAE)], fit_fraction=0.5, underuse_ratio=0.5)
+    assert torch.equal(weights, torch.zeros(D_SAE))
+    sae = _sae()
+    x = _batch()
+    feature_acts, hidden_pre = sae.encode_with_hidden_pre(x)
+    loss = aux_zipf_loss(x, sae.decode(feature_acts), hidden_pre, weights, sae.W_dec, True, 1.0)
+    assert float(loss) == 0.0
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_reduces_exactly_to_saelens_auxk_under_the_dead_mask(rescale):
+    sae = _sae(rescale_acts_by_decoder_norm=rescale, aux_loss_coefficient=0.7)
+    x = _batch(1)
+    feature_acts, hidden_pre = sae.encode_with_hidden_pre(x)
+    sae_out = sae.decode(feature_acts)
+    for n_dead in (1, 3, 5, 17, D_SAE):  # below and above k_aux = d_in // 2 = 5
+        dead = torch.zeros(D_SAE, dtype=torch.bool)
+        dead[torch.randperm(D_SAE, generator=torch.Generator().manual_seed(n_dead))[:n_dead]] = True
+        ours = aux_zipf_loss(x, sae_out, hidden_pre, dead.float(), sae.W_dec, rescale, 0.7)
+        theirs = sae.calculate_topk_aux_loss(x, sae_out, hidden_pre, dead)
+        assert float(theirs.detach()) > 0
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        grads_ours = torch.autograd.grad(ours, [sae.W_enc, sae.W_dec, sae.b_enc], retain_graph=True)
+        grads_theirs = torch.autograd.grad(theirs, [sae.W_enc, sae.W_dec, sae.b_enc], retain_graph=True)
+        for a, b in zip(grads_ours, grads_theirs, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_residual_is_detached():
+    # With b_dec not subtracted from the input, b_dec reaches the aux loss only through the residual.
+    sae = _sae(rescale_acts_by_decoder_norm=False, apply_b_dec_to_input=False)
+    x = _batch(2)
+    feature_acts, hidden_pre = sae.encode_with_hidden_pre(x)
+    underuse = torch.zeros(D_SAE)
+    underuse[:6] = torch.tensor([1.0, 0.5, 0.2, 1.0, 0.9, 0.1])
+    loss = aux_zipf_loss(x, sae.decode(feature_acts), hidden_pre, underuse, sae.W_dec, False, 1.0)
+    loss.backward()
+    assert sae.b_dec.grad is None or torch.count_nonzero(sae.b_dec.grad) == 0
+    # Latents that are not candidates (including every latent that produced x_hat) get nothing.
+    assert torch.count_nonzero(sae.W_enc.grad[:, 6:]) == 0
+    assert torch.count_nonzero(sae.W_dec.grad[6:]) == 0
+    assert torch.count_nonzero(sae.W_enc.grad[:, :6]) > 0
+
+
+def test_underuse_weight_scales_each_latents_contribution():
+    sae = _sae(rescale_acts_by_decoder_norm=False)
+    x = _batch(3)
+    feature_acts, hidden_pre = sae.encode_with_hidden_pre(x)
+    sae_out = sae.decode(feature_acts).detach()
+    one = torch.zeros(D_SAE)
+    one[7] = 1.0
+    half = one * 0.5
+    full = aux_zipf_loss(x, sae_out, hidden_pre, one, sae.W_dec, False, 1.0)
+    halved = aux_zipf_loss(x, sae_out, hidden_pre, half, sae.W_dec, False, 1.0)
+    # Hand formula: one candidate, k_aux = 1, scale = w / 5, activation w * h_7.
+    residual = x - sae_out
+    for w, loss in ((1.0, full), (0.5, halved)):
+        recons = (w * hidden_pre[:, 7:8]) * sae.W_dec[7][None]
+        expected = (w / 5) * (recons - residual).pow(2).sum(-1).mean()
+        torch.testing.assert_close(loss, expected)
+
+
+def test_aux_zipf_in_training_uses_usage_and_logs_metrics():
+    sae = _sae(usage_window=1)  # usage = the last batch's firing rates
+    for step in range(3):
+        expected_underused = int((sae.underuse(None) > 0).sum())
+        out = sae.training_forward_pass(step_input(_batch(step), coefficients={"aux_loss": 1.0}))
+        assert out.metrics["underused_latents"] == expected_underused
+    assert expected_underused > 0
+    assert "usage_zipf_exponent" in out.metrics
+    torch.testing.assert_close(sae.latent_usage, (out.feature_acts > 0).float().mean(0))
+    # Dead latents are always candidates, with weight 1.
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[[0, 5]] = True
+    assert torch.equal(sae.underuse(dead)[[0, 5]], torch.ones(2))
+
+
+def test_coefficient_warms_up_through_get_coefficients():
+    sae = _sae(aux_loss_coefficient=0.25, aux_loss_warm_up_steps=100)
+    assert sae.get_coefficients() == {"aux_loss": TrainCoefficientConfig(value=0.25, warm_up_steps=100)}
+    dead = torch.ones(D_SAE, dtype=torch.bool)
+    losses = [
+        sae.training_forward_pass(step_input(_batch(), dead=dead, coefficients={"aux_loss": c})).losses[
+            "auxiliary_reconstruction_loss"
+        ]
+        for c in (0.0, 0.1, 0.2)
+    ]
+    assert float(losses[0]) == 0.0
+    torch.testing.assert_close(losses[2], 2 * losses[1])
+    assert _sae(aux_loss="none").get_coefficients() == {}
+    assert (
+        "auxiliary_reconstruction_loss"
+        not in _sae(aux_loss="none").training_forward_pass(step_input(_batch())).losses
+    )
