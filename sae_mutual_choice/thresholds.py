@@ -167,19 +167,27 @@ def calibrate_thresholds(sae: Any, activations: torch.Tensor) -> torch.Tensor:
 
 
 def _per_latent_thresholds(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """For each column, the ``(count + 1)``-th largest score (``-inf`` when count is every token)."""
+    """Per column, midway between the ``count``-th and ``(count + 1)``-th largest scores.
+
+    Midway, so that the float rounding of a differently folded copy of the weights cannot flip a
+    boundary token; ``-inf`` when the count is every token, the largest score when it is 0.
+    """
     n_tokens = scores.shape[0]
     counts = counts.to(scores.device)
     depth = min(n_tokens, int(counts.max()) + 1)
     ordered = scores.float().topk(depth, dim=0).values
-    below = ordered.gather(0, counts.clamp(max=depth - 1)[None])[0]
-    return torch.where(counts >= n_tokens, -torch.inf, below)
+    last_kept = ordered.gather(0, (counts - 1).clamp(0, depth - 1)[None])[0]
+    first_dropped = ordered.gather(0, counts.clamp(max=depth - 1)[None])[0]
+    midway = torch.where(counts > 0, (last_kept + first_dropped) / 2, first_dropped)
+    return torch.where(counts >= n_tokens, -torch.inf, midway)
 
 
 def _global_threshold(sae: Any, sae_in: torch.Tensor, blocks: list[slice], count: int) -> float:
-    """The ``(count + 1)``-th largest score over all tokens and latents (``-inf`` if there is none)."""
+    """Midway between the ``count``-th and ``(count + 1)``-th largest scores over all tokens and latents."""
     kept = sae_in.new_empty(0, dtype=torch.float32)
     for latents in blocks:
         merged = torch.cat([kept, latent_scores(sae, sae_in, latents).float().flatten()])
         kept = merged.topk(min(count + 1, merged.numel())).values
-    return float(kept[count]) if kept.numel() > count else -float("inf")
+    if kept.numel() <= count:
+        return -float("inf")
+    return float(kept[count] if count == 0 else (kept[count - 1] + kept[count]) / 2)

@@ -1,0 +1,156 @@
+import pytest
+import torch
+from helpers import step_input
+from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+from sae_mutual_choice import (
+    FeatureChoiceTrainingSAE,
+    FeatureChoiceTrainingSAEConfig,
+    MutualChoiceTrainingSAE,
+    MutualChoiceTrainingSAEConfig,
+    TokenChoiceTrainingSAE,
+    TokenChoiceTrainingSAEConfig,
+    calibrate_thresholds,
+)
+from sae_mutual_choice.thresholds import latent_scores
+
+D_IN, D_SAE = 16, 64
+
+
+def _sae(arch: str, **kwargs):
+    torch.manual_seed(0)
+    if arch == "mutual_choice":
+        return MutualChoiceTrainingSAE(MutualChoiceTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4.0, **kwargs))
+    return FeatureChoiceTrainingSAE(FeatureChoiceTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4.0, **kwargs))
+
+
+def _data(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, D_IN, generator=torch.Generator().manual_seed(seed)) + 0.5
+
+
+def _train(sae, steps: int = 3, scale: float = 1.0) -> None:
+    for step in range(steps):
+        sae.training_forward_pass(step_input(_data(64, step) * scale))
+
+
+def _exported(sae, tmp_path) -> JumpReLUSAE:
+    sae.save_inference_model(tmp_path)
+    return JumpReLUSAE.load_from_disk(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["mutual_choice", "feature_choice"])
+@pytest.mark.parametrize("rescale", [True, False])
+def test_latent_scores_equal_hidden_pre(arch, rescale):
+    sae = _sae(arch, rescale_acts_by_decoder_norm=rescale)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(D_SAE, 1) + 0.5)  # decoder norms that differ per latent
+    x = _data(20, 1)
+    _, hidden_pre = sae.encode_with_hidden_pre(x)
+    blocks = [latent_scores(sae, sae.process_sae_in(x), slice(a, a + 10)) for a in range(0, D_SAE, 10)]
+    torch.testing.assert_close(torch.cat(blocks, dim=1), hidden_pre)
+
+
+def test_mutual_choice_calibration_is_exact(tmp_path):
+    sae = _sae("mutual_choice")
+    _train(sae)
+    x = _data(500, 7)
+    thresholds = calibrate_thresholds(sae, x)
+    assert torch.all(thresholds == thresholds[0])
+    exported = _exported(sae, tmp_path)
+    with torch.no_grad():
+        fired = exported.encode(x) > 0
+    assert int(fired.sum()) == int(4.0 * 500)
+
+
+def test_feature_choice_calibration_gives_every_latent_its_capacity(tmp_path):
+    sae = _sae("feature_choice")
+    _train(sae, steps=5)
+    x = _data(800, 8)
+    calibrate_thresholds(sae, x)
+    exported = _exported(sae, tmp_path)
+    with torch.no_grad():
+        fired = exported.encode(x) > 0
+    counts = sae.calibration_counts(800)
+    assert int(counts.sum()) == int(4.0 * 800)
+    # A latent can fall short only where it has too few positive scores.
+    positive = (latent_scores(sae, sae.process_sae_in(x), slice(None)) > 0).sum(0)
+    assert torch.equal(fired.sum(0), torch.minimum(counts, positive))
+
+
+@pytest.mark.parametrize("arch", ["mutual_choice", "feature_choice"])
+def test_export_defaults_to_exact_calibration_on_the_last_training_inputs(arch, tmp_path):
+    sae = _sae(arch, threshold_calibration_tokens=100)
+    _train(sae, steps=4)  # 256 inputs seen; the last 100 are kept
+    kept = torch.cat([_data(64, 2)[-36:], _data(64, 3)])
+    assert int(sae.recent_inputs_filled) == 100
+    assert torch.equal(torch.sort(sae.recent_inputs, dim=0).values, torch.sort(kept, dim=0).values)
+    exported_default = _exported(sae, tmp_path / "default")
+    calibrate_thresholds(sae, kept)
+    exported_explicit = _exported(sae, tmp_path / "explicit")
+    torch.testing.assert_close(exported_default.threshold, exported_explicit.threshold)
+
+
+@pytest.mark.parametrize("arch", ["mutual_choice", "feature_choice"])
+def test_a_training_step_drops_an_explicit_calibration(arch):
+    sae = _sae(arch, threshold_calibration_tokens=0)
+    _train(sae)
+    calibrate_thresholds(sae, _data(300, 9))
+    pinned = sae.inference_thresholds().clone()
+    _train(sae, steps=1)
+    assert not torch.equal(sae.inference_thresholds(), pinned)
+    torch.testing.assert_close(sae.inference_thresholds(), sae.ema_thresholds())
+
+
+@pytest.mark.parametrize("arch", ["mutual_choice", "feature_choice"])
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("source", ["kept_inputs", "calibrated", "running_estimate"])
+def test_thresholds_survive_folding_the_activation_scaling(arch, rescale, source, tmp_path):
+    """Training on inputs scaled by s, then folding s, must export an SAE that fires on raw inputs
+    where the unfolded export fires on scaled inputs, and reconstructs them 1/s as large."""
+    s = 3.0
+    tokens = 0 if source == "running_estimate" else 128
+    sae = _sae(arch, rescale_acts_by_decoder_norm=rescale, threshold_calibration_tokens=tokens)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(D_SAE, 1) + 0.5)
+    _train(sae, steps=4, scale=s)
+    if source == "calibrated":
+        calibrate_thresholds(sae, _data(400, 11) * s)
+    x = _data(200, 12)
+    with torch.no_grad():
+        unfolded = _exported(sae, tmp_path / "before")
+        before = unfolded.encode(x * s)
+        sae.fold_activation_norm_scaling_factor(s)
+        folded = _exported(sae, tmp_path / "after")
+        after = folded.encode(x)
+        assert torch.equal(before > 0, after > 0)
+        torch.testing.assert_close(unfolded.decode(before) / s, folded.decode(after), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["mutual_choice", "feature_choice"])
+def test_thresholds_survive_folding_decoder_norms(arch, tmp_path):
+    sae = _sae(arch, rescale_acts_by_decoder_norm=True)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(D_SAE, 1) + 0.5)
+    _train(sae)
+    x = _data(200, 13)
+    with torch.no_grad():
+        before = _exported(sae, tmp_path / "before").encode(x)
+        sae.fold_W_dec_norm()
+        after = _exported(sae, tmp_path / "after").encode(x)
+    assert torch.equal(before > 0, after > 0)
+    torch.testing.assert_close(before, after, rtol=1e-4, atol=1e-5)
+
+
+def test_exported_config_is_plain_jumprelu(tmp_path):
+    sae = _sae("feature_choice")
+    _train(sae)
+    sae.save_inference_model(tmp_path)
+    exported = JumpReLUSAE.load_from_disk(tmp_path)
+    assert isinstance(exported.cfg, JumpReLUSAEConfig)
+    assert exported.cfg.metadata.training_architecture == "feature_choice"
+
+
+def test_calibrate_rejects_other_saes():
+    sae = TokenChoiceTrainingSAE(TokenChoiceTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4))
+    with pytest.raises(TypeError, match="mutual_choice or feature_choice"):
+        calibrate_thresholds(sae, _data(10, 0))  # type: ignore[arg-type]
