@@ -41,7 +41,7 @@ def exported_l0(path: Path, held_out: torch.Tensor) -> tuple[float, torch.Tensor
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller run (about a minute)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -111,6 +111,7 @@ class AllocationSAEMixin:
             return {}
         underuse = self.underuse(step_input.dead_neuron_mask)
         self.step_metrics["underused_latents"] = int((underuse > 0).sum())
+        coefficient = step_input.coefficients.get(AUX_COEFFICIENT)
         loss = aux_zipf_loss(
             sae_in=step_input.sae_in,
             sae_out=sae_out,
@@ -118,7 +119,7 @@ class AllocationSAEMixin:
             underuse=underuse,
             W_dec=self.W_dec,
             rescale_acts_by_decoder_norm=self.cfg.rescale_acts_by_decoder_norm,
-            coefficient=step_input.coefficients.get(AUX_COEFFICIENT, self.cfg.aux_loss_coefficient),
+            coefficient=self.cfg.aux_loss_coefficient if coefficient is None else coefficient,
         )
         return {"auxiliary_reconstruction_loss": loss}
 

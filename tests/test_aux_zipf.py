@@ -68,6 +68,7 @@ def test_residual_is_detached():
     loss = aux_zipf_loss(x, sae.decode(feature_acts), hidden_pre, underuse, sae.W_dec, False, 1.0)
     loss.backward()
     assert sae.b_dec.grad is None or torch.count_nonzero(sae.b_dec.grad) == 0
+    assert sae.W_enc.grad is not None and sae.W_dec.grad is not None
     # Latents that are not candidates (including every latent that produced x_hat) get nothing.
     assert torch.count_nonzero(sae.W_enc.grad[:, 6:]) == 0
     assert torch.count_nonzero(sae.W_dec.grad[6:]) == 0

@@ -1,5 +1,7 @@
 """Our architectures against SAELens's own, on identical weights and inputs."""
 
+from functools import partial
+
 import pytest
 import torch
 from helpers import copy_parameters, forward_and_grads, step_input
@@ -19,7 +21,7 @@ from sae_mutual_choice.allocation import batch_budget
 
 D_IN, D_SAE = 12, 48
 # Identical operations in the same order: any difference is a bug, so the tolerance is float32 noise.
-TOL = {"rtol": 1e-6, "atol": 1e-7}
+assert_same = partial(torch.testing.assert_close, rtol=1e-6, atol=1e-7)
 
 
 def _dead_mask(seed: int) -> torch.Tensor:
@@ -32,17 +34,17 @@ def _assert_same_steps(ours, theirs, n_steps: int = 4) -> None:
         inp = step_input(x, dead=_dead_mask(step))
         out_ours, grads_ours = forward_and_grads(ours, inp)
         out_theirs, grads_theirs = forward_and_grads(theirs, inp)
-        torch.testing.assert_close(out_ours.feature_acts, out_theirs.feature_acts, **TOL)
-        torch.testing.assert_close(out_ours.sae_out, out_theirs.sae_out, **TOL)
+        assert_same(out_ours.feature_acts, out_theirs.feature_acts)
+        assert_same(out_ours.sae_out, out_theirs.sae_out)
         assert out_ours.losses.keys() == out_theirs.losses.keys()
         for name, value in out_theirs.losses.items():
-            torch.testing.assert_close(out_ours.losses[name], value, **TOL)
+            assert_same(out_ours.losses[name], value)
         assert (
             float(out_theirs.losses["auxiliary_reconstruction_loss"].detach()) > 0
         )  # the aux loss was exercised
         assert grads_ours.keys() == grads_theirs.keys()
         for name, grad in grads_theirs.items():
-            torch.testing.assert_close(grads_ours[name], grad, **TOL)
+            assert_same(grads_ours[name], grad)
         with torch.no_grad():  # the same optimiser step on both keeps later steps comparable
             for sae, grads in ((ours, grads_ours), (theirs, grads_theirs)):
                 for name, grad in grads.items():
@@ -68,7 +70,7 @@ def test_mutual_choice_with_aux_k_equals_batchtopk(tmp_path, rescale):
     _assert_same_steps(ours, theirs)
 
     # The raw threshold EMA is SAELens's; ours divides it by the EMA's weight (bias correction).
-    torch.testing.assert_close(ours.topk_threshold, theirs.topk_threshold, **TOL)
+    assert_same(ours.topk_threshold, theirs.topk_threshold)
     lr = theirs.cfg.topk_threshold_lr
     weight = 1 - (1 - lr) ** 4
     ours.save_inference_model(tmp_path / "ours")
@@ -77,7 +79,7 @@ def test_mutual_choice_with_aux_k_equals_batchtopk(tmp_path, rescale):
     saved_theirs = load_file(tmp_path / "theirs" / "sae_weights.safetensors")
     assert saved_ours.keys() == saved_theirs.keys() == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        torch.testing.assert_close(saved_ours[name], saved_theirs[name], **TOL)
+        assert_same(saved_ours[name], saved_theirs[name])
     torch.testing.assert_close(saved_ours["threshold"], saved_theirs["threshold"] / weight, rtol=1e-5, atol=0)
 
 
@@ -95,7 +97,7 @@ def test_token_choice_with_aux_k_equals_topk(tmp_path, rescale):
     saved_theirs = load_file(tmp_path / "theirs" / "sae_weights.safetensors")
     assert saved_ours.keys() == saved_theirs.keys()
     for name, value in saved_theirs.items():
-        torch.testing.assert_close(saved_ours[name], value, **TOL)
+        assert_same(saved_ours[name], value)
 
 
 def test_feature_choice_with_uniform_capacities_equals_per_column_top_m():

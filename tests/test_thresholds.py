@@ -71,6 +71,7 @@ def test_feature_choice_calibration_gives_every_latent_its_capacity(tmp_path):
     with torch.no_grad():
         fired = exported.encode(x) > 0
     counts = sae.calibration_counts(800)
+    assert isinstance(counts, torch.Tensor)
     assert int(counts.sum()) == int(4.0 * 800)
     # A latent can fall short only where it has too few positive scores.
     positive = (latent_scores(sae, sae.process_sae_in(x), slice(None)) > 0).sum(0)
