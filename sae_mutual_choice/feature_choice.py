@@ -98,12 +98,10 @@ class FeatureChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, TopKTrai
     def capacities(self, n_tokens: int) -> torch.Tensor:
         """Real-valued capacities of a batch of ``n_tokens`` tokens; sum to its budget. ``-> [F]`` float64."""
         demand = debiased(self.latent_demand, self.latent_demand_weight)
+        exponent = self.capacity_exponent()
+        self.step_metrics["capacity_zipf_exponent"] = exponent
         return zipf_capacities(
-            demand,
-            batch_budget(self.cfg.k, n_tokens),
-            n_tokens,
-            self.capacity_exponent(),
-            self.cfg.min_capacity_ratio,
+            demand, batch_budget(self.cfg.k, n_tokens), n_tokens, exponent, self.cfg.min_capacity_ratio
         )
 
     def allocate(self, scores: torch.Tensor) -> torch.Tensor:
@@ -133,7 +131,6 @@ class FeatureChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, TopKTrai
                 self.cfg.topk_threshold_lr,
                 where=fired,
             )
-        output.metrics["capacity_zipf_exponent"] = self.capacity_exponent()
         return output
 
     def ema_thresholds(self) -> torch.Tensor:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from typing_extensions import override
 
 from sae_mutual_choice.allocation import batch_budget, mutual_choice, over_tokens
@@ -62,6 +63,13 @@ class MutualChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, BatchTopK
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         k = self.cfg.k
         return over_tokens(lambda scores: mutual_choice(scores, batch_budget(k, scores.shape[0])))
+
+    @override
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        output = super().training_forward_pass(step_input)
+        # SAELens logs its raw EMA under this name; log the bias-corrected estimate instead.
+        output.metrics["topk_threshold"] = debiased(self.topk_threshold, self.topk_threshold_weight)
+        return output
 
     @override
     @torch.no_grad()

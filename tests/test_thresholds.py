@@ -155,3 +155,14 @@ def test_calibrate_rejects_other_saes():
     sae = TokenChoiceTrainingSAE(TokenChoiceTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4))
     with pytest.raises(TypeError, match="mutual_choice or feature_choice"):
         calibrate_thresholds(sae, _data(10, 0))  # type: ignore[arg-type]
+
+
+def test_logged_threshold_is_the_bias_corrected_estimate():
+    sae = _sae("mutual_choice")
+    out = sae.training_forward_pass(step_input(_data(64, 0)))
+    acts = out.feature_acts.detach()
+    # After one update the corrected estimate is that batch's smallest selected score itself.
+    torch.testing.assert_close(
+        torch.as_tensor(out.metrics["topk_threshold"]).float(), acts[acts > 0].min(), rtol=1e-6, atol=0
+    )
+    assert float(sae.topk_threshold) < 0.2 * float(acts[acts > 0].min())  # the raw EMA is not
