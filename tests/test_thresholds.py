@@ -159,6 +159,7 @@ def test_calibrate_rejects_other_saes():
 
 def test_logged_threshold_is_the_bias_corrected_estimate():
     sae = _sae("mutual_choice")
+    assert isinstance(sae, MutualChoiceTrainingSAE)
     out = sae.training_forward_pass(step_input(_data(64, 0)))
     acts = out.feature_acts.detach()
     # After one update the corrected estimate is that batch's smallest selected score itself.
