@@ -82,7 +82,8 @@ class FeatureChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, TopKTrai
 
     @override
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        return over_tokens(self.allocate)
+        # A bound method (not a closure), so that deepcopy rebinds it to the copy.
+        return self.allocate_over_tokens
 
     def capacity_exponent(self) -> float:
         """The Zipf exponent the capacities use now (0 for uniform capacities)."""
@@ -103,6 +104,10 @@ class FeatureChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, TopKTrai
         return zipf_capacities(
             demand, batch_budget(self.cfg.k, n_tokens), n_tokens, exponent, self.cfg.min_capacity_ratio
         )
+
+    def allocate_over_tokens(self, scores: torch.Tensor) -> torch.Tensor:
+        """Feature Choice on scores ``[..., F]``, leading dimensions flattened into one batch."""
+        return over_tokens(self.allocate)(scores)
 
     def allocate(self, scores: torch.Tensor) -> torch.Tensor:
         """Feature Choice on one batch of scores ``[B, F] -> [B, F]``."""

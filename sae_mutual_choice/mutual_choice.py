@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
+from torch import nn
 from typing_extensions import override
 
 from sae_mutual_choice.allocation import batch_budget, mutual_choice, over_tokens
@@ -47,6 +48,17 @@ class MutualChoiceTrainingSAEConfig(AuxLossFields, BatchTopKTrainingSAEConfig):
         check_integer("threshold_calibration_tokens", self.threshold_calibration_tokens, 0)
 
 
+class MutualChoice(nn.Module):
+    """Mutual Choice activation with budget ``int(k * B)``: scores ``[..., F]`` -> activations ``[..., F]``."""
+
+    def __init__(self, k: float):
+        super().__init__()
+        self.k = k
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        return over_tokens(lambda flat: mutual_choice(flat, batch_budget(self.k, flat.shape[0])))(scores)
+
+
 class MutualChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, BatchTopKTrainingSAE):
     """SAELens's BatchTopK training SAE with deterministic ties, our aux losses and a debiased threshold."""
 
@@ -61,8 +73,7 @@ class MutualChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, BatchTopK
 
     @override
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        k = self.cfg.k
-        return over_tokens(lambda scores: mutual_choice(scores, batch_budget(k, scores.shape[0])))
+        return MutualChoice(self.cfg.k)
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:

@@ -7,6 +7,7 @@ from functools import partial
 import torch
 from sae_lens.saes.sae import SAEConfig
 from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+from torch import nn
 from typing_extensions import override
 
 from sae_mutual_choice.allocation import over_tokens, token_choice
@@ -34,6 +35,17 @@ class TokenChoiceTrainingSAEConfig(AuxLossFields, TopKTrainingSAEConfig):
         return TopKSAEConfig
 
 
+class TokenChoice(nn.Module):
+    """Token Choice activation: scores ``[..., F]`` -> activations ``[..., F]``."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        return over_tokens(partial(token_choice, k=self.k))(scores)
+
+
 class TokenChoiceTrainingSAE(AllocationSAEMixin, TopKTrainingSAE):
     """SAELens's TopK training SAE with deterministic ties and the aux-loss options here."""
 
@@ -45,4 +57,4 @@ class TokenChoiceTrainingSAE(AllocationSAEMixin, TopKTrainingSAE):
 
     @override
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        return over_tokens(partial(token_choice, k=self.cfg.k))
+        return TokenChoice(self.cfg.k)

@@ -225,3 +225,22 @@ def test_exported_sae_loads_in_a_fresh_process_without_the_plugin(arch, tmp_path
         scores = sae.encode_with_hidden_pre(x)[1]
         fires = (scores > sae.inference_thresholds()) & (scores > 0)
         assert torch.equal(in_process.encode(x) > 0, fires)
+
+
+@pytest.mark.parametrize("arch", ["token_choice", "mutual_choice", "feature_choice"])
+def test_deep_copies_are_independent(arch):
+    import copy
+
+    sae_class, _ = get_sae_training_class(arch)
+    sae: Any = sae_class(_sae_config(arch))
+    sae.training_forward_pass(step_input(torch.randn(32, D_MODEL)))
+    state = {name: value.clone() for name, value in sae.state_dict().items()}
+    twin: Any = copy.deepcopy(sae)
+    x = torch.randn(32, D_MODEL) + 1.0
+    twin.training_forward_pass(step_input(x))
+    for name, value in sae.state_dict().items():
+        same = torch.equal(value, state[name]) or bool((value.isnan() & state[name].isnan()).all())
+        assert same, f"training the copy changed the original's {name}"
+    sae.eval()
+    twin.eval()
+    torch.testing.assert_close(sae.encode(x), copy.deepcopy(sae).encode(x))
