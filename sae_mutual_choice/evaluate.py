@@ -1,0 +1,106 @@
+"""Evaluate per-token (exported) SAEs on held-out text: SAELens's eval suite plus allocation diagnostics.
+
+SAELens's ``run_evals`` gives explained variance, MSE, CE loss recovered and L0. On top, the
+diagnostics this package is about: the spread of per-token L0, dead latents (no firing on the
+held-out tokens), dense latents (firing on more than ``DENSE_DENSITY`` of them), normalised MSE,
+and the latent density-versus-rank curve with its Zipf fit.
+"""
+
+import math
+from typing import Any
+
+import torch
+from sae_lens import SAE
+from sae_lens.evals import EvalConfig, run_evals
+from sae_lens.training.activation_scaler import ActivationScaler
+from sae_lens.training.activations_store import ActivationsStore
+from sae_lens.util import get_special_token_ids
+from tqdm.auto import tqdm
+
+from sae_mutual_choice.zipf import fit_zipf
+
+DENSE_DENSITY = 0.1
+ZIPF_FIT_FRACTION = 0.5
+
+
+def special_token_ids(model: Any) -> list[int]:
+    """The model tokenizer's special tokens (BOS, EOS, ...), which SAELens can leave out; none without a tokenizer."""
+    tokenizer = getattr(model, "tokenizer", None)
+    return [] if tokenizer is None else sorted(get_special_token_ids(tokenizer))
+
+
+@torch.no_grad()
+def held_out_activations(model: Any, store: ActivationsStore, hook_name: str, n_batches: int) -> torch.Tensor:
+    """``[N, d_in]`` activations at ``hook_name`` for ``n_batches`` held-out token batches.
+
+    Positions holding special tokens are left out, as SAELens's ``exclude_special_tokens`` does:
+    their residual norms are orders of magnitude larger than ordinary tokens'.
+    """
+    layer = _layer_of(hook_name)
+    special = torch.tensor(special_token_ids(model), dtype=torch.long)
+    chunks = []
+    for _ in tqdm(range(n_batches), desc="held-out activations", leave=False):
+        tokens = store.get_batch_tokens()
+        _, cache = model.run_with_cache(
+            tokens, names_filter=[hook_name], stop_at_layer=None if layer is None else layer + 1
+        )
+        keep = ~torch.isin(tokens.flatten().cpu(), special)
+        chunks.append(cache[hook_name].reshape(-1, cache[hook_name].shape[-1]).float().cpu()[keep])
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def allocation_diagnostics(
+    sae: SAE[Any], activations: torch.Tensor, batch_size: int = 4096
+) -> dict[str, Any]:
+    """Per-token L0 spread, dead/dense latents, normalised MSE and the density-vs-rank Zipf fit."""
+    l0s, fired_counts, squared_error = [], torch.zeros(sae.cfg.d_sae), 0.0
+    for start in range(0, activations.shape[0], batch_size):
+        x = activations[start : start + batch_size].to(sae.device)
+        acts = sae.encode(x)
+        fired = acts > 0
+        l0s.append(fired.sum(-1).cpu())
+        fired_counts += fired.sum(0).float().cpu()
+        squared_error += float((sae.decode(acts) - x).pow(2).sum())
+    l0 = torch.cat(l0s).float()
+    density = fired_counts / activations.shape[0]
+    exponent, log_scale = fit_zipf(density, ZIPF_FIT_FRACTION)
+    variance = float((activations - activations.mean(0)).pow(2).sum())
+    return {
+        "l0_mean": float(l0.mean()),
+        "l0_min": float(l0.min()),
+        "l0_median": float(l0.median()),
+        "l0_p90": float(l0.quantile(0.9)),
+        "l0_max": float(l0.max()),
+        "dead_latents": int((fired_counts == 0).sum()),
+        "dense_latents": int((density > DENSE_DENSITY).sum()),
+        "normalized_mse": squared_error / variance,
+        "density_zipf_exponent": exponent,
+        "density_zipf_log_scale": log_scale if math.isfinite(log_scale) else None,
+        "density_by_rank": torch.sort(density, descending=True).values.tolist(),
+        "l0_histogram": torch.bincount(l0.long()).tolist(),
+        "held_out_tokens": int(activations.shape[0]),
+    }
+
+
+def saelens_metrics(sae: SAE[Any], model: Any, store: ActivationsStore, n_batches: int) -> dict[str, Any]:
+    """SAELens's ``run_evals``: explained variance, MSE, CE loss recovered, L0 (flattened to one level)."""
+    config = EvalConfig(
+        n_eval_reconstruction_batches=n_batches,
+        compute_ce_loss=True,
+        n_eval_sparsity_variance_batches=n_batches,
+        compute_sparsity_metrics=True,
+        compute_variance_metrics=True,
+    )
+    exclude = special_token_ids(model) or False
+    metrics, _ = run_evals(sae, store, model, ActivationScaler(), config, exclude_special_tokens=exclude)
+    flat = {}
+    for group in metrics.values():
+        if isinstance(group, dict):
+            flat.update({key: value for key, value in group.items() if isinstance(value, (int, float))})
+    return flat
+
+
+def _layer_of(hook_name: str) -> int | None:
+    parts = hook_name.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else None

@@ -1,0 +1,92 @@
+"""Write an evaluation's results: ``results.json``, ``results.md`` (one row per SAE) and PNG plots."""
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+TABLE_COLUMNS = [
+    ("architecture", "architecture", "{}"),
+    ("L0", "l0_mean", "{:.1f}"),
+    ("L0 min/med/p90/max", None, ""),
+    ("explained var.", "explained_variance", "{:.4f}"),
+    ("norm. MSE", "normalized_mse", "{:.4f}"),
+    ("CE loss recovered", "ce_loss_score", "{:.4f}"),
+    ("dead", "dead_latents", "{}"),
+    ("dense", "dense_latents", "{}"),
+    ("density Zipf exp.", "density_zipf_exponent", "{:.2f}"),
+]
+
+
+def markdown_table(results: dict[str, dict[str, Any]]) -> str:
+    """One row per SAE."""
+    header = "| SAE | " + " | ".join(title for title, _, _ in TABLE_COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (len(TABLE_COLUMNS) + 1)]
+    for name, row in results.items():
+        if "error" in row:
+            lines.append(f"| {name} | error: {row['error']} |" + " |" * (len(TABLE_COLUMNS) - 1))
+            continue
+        cells = []
+        for _, key, fmt in TABLE_COLUMNS:
+            if key is None:
+                spread = [row.get(k) for k in ("l0_min", "l0_median", "l0_p90", "l0_max")]
+                cells.append("/".join("–" if v is None else f"{v:.0f}" for v in spread))
+            else:
+                value = row.get(key)
+                ok = value is not None and not (isinstance(value, float) and math.isnan(value))
+                cells.append(fmt.format(value) if ok else "–")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(results: dict[str, dict[str, Any]], out_dir: Path) -> Path:
+    """Write results.json, results.md and the plots under ``out_dir``; return the markdown path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    table = markdown_table(results)
+    (out_dir / "results.md").write_text(table + "\n")
+    _plots({name: row for name, row in results.items() if "error" not in row}, out_dir)
+    return out_dir / "results.md"
+
+
+def _plots(results: dict[str, dict[str, Any]], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, row in results.items():
+        counts = np.asarray(row["l0_histogram"], dtype=float)
+        ax.step(np.arange(len(counts)), counts / counts.sum(), where="mid", label=name)
+    ax.set(xlabel="latents firing per token (L0)", ylabel="share of tokens", title="Per-token L0, held-out")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "l0_histogram.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, row in results.items():
+        density = np.asarray(row["density_by_rank"], dtype=float)
+        ranks = np.arange(1, len(density) + 1)
+        (line,) = ax.loglog(ranks[density > 0], density[density > 0], label=name)
+        if row.get("density_zipf_log_scale") is not None:
+            fit = np.exp(row["density_zipf_log_scale"]) * ranks ** -row["density_zipf_exponent"]
+            ax.loglog(ranks, fit, "--", color=line.get_color(), alpha=0.6)
+    ax.set(
+        xlabel="latent rank", ylabel="firing density", title="Density vs rank (dashed: Zipf fit to the head)"
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "density_rank.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, row in results.items():
+        ax.scatter(row["l0_mean"], row["normalized_mse"], label=name)
+    ax.set(xlabel="L0 (held-out, per token)", ylabel="normalised MSE", title="Reconstruction vs L0")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "mse_vs_l0.png", dpi=120)
+    plt.close(fig)
