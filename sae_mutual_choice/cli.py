@@ -18,6 +18,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from sae_mutual_choice import compare as compare_module
 from sae_mutual_choice.yaml_config import read_yaml, runner_config_from_dict
 
@@ -70,13 +72,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(data: dict[str, Any]) -> Any:
-    """One SAE through ``LanguageModelSAETrainingRunner``, embedded model/corpus resolved."""
+    """One SAE through ``LanguageModelSAETrainingRunner``, embedded model/corpus resolved, seeded by ``seed``."""
     from sae_lens import LanguageModelSAETrainingRunner
 
     cfg = runner_config_from_dict(data)
     model, dataset = compare_module.resolve_model_and_dataset(
         cfg.model_name, cfg.dataset_path, cfg.context_size, cfg.device, split="train"
     )
+    torch.manual_seed(cfg.seed)  # SAELens does not seed the SAE's initialisation itself
     return LanguageModelSAETrainingRunner(cfg, override_model=model, override_dataset=dataset).run()
 
 

@@ -9,7 +9,8 @@ A compare config (YAML) has four sections:
 - ``evaluate_only``: name -> ``{path: DIR}`` (anything ``SAE.load_from_disk`` reads) or
   ``{release: R, sae_id: ID}`` (``SAE.from_pretrained``);
 - ``evaluation``: ``held_out_batches`` (prompt batches of held-out text for the diagnostics),
-  ``eval_batches`` (for SAELens's ``run_evals``), ``output_dir``;
+  ``eval_batches`` (for SAELens's ``run_evals``), ``batch_prompts`` (prompts per batch),
+  ``output_dir``;
 - ``quick`` (optional): dotted overrides applied by ``--quick``.
 """
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from sae_lens import SAE, LoggingConfig, TrainingSAE
 from sae_lens.multi_sae_training_runner import MultiSAETrainingRunner, MultiSAETrainingRunnerConfig
 from sae_lens.training.activations_store import ActivationsStore
@@ -39,6 +41,7 @@ class Evaluation:
 
     held_out_batches: int = 8
     eval_batches: int = 4
+    batch_prompts: int = 8
     output_dir: str = "results/compare"
 
 
@@ -132,6 +135,7 @@ def run_compare(spec: CompareSpec, log_to_wandb: bool = False) -> dict[str, Any]
     train_seconds = None
     if spec.saes:
         start = time.perf_counter()
+        torch.manual_seed(cfg.seed)  # SAELens does not seed the SAEs' initialisation itself
         runner = MultiSAETrainingRunner(cfg, override_model=model, override_dataset=dataset)
         runner.run()
         train_seconds = time.perf_counter() - start
@@ -175,7 +179,7 @@ def evaluate_all(
         try:
             sae = _load(entry, cfg.device)
             _check_matches(sae, hook, model)
-            store = _held_out_store(model, sae, held_out, cfg, hook)
+            store = _held_out_store(model, sae, held_out, cfg, hook, spec.evaluation.batch_prompts)
             if activations is None:
                 activations = held_out_activations(model, store, hook, spec.evaluation.held_out_batches)
             row = {
@@ -205,7 +209,7 @@ def run_calibrate(spec: CompareSpec, checkpoint: Path, out: Path) -> Path:
         cfg.model_name, cfg.dataset_path, cfg.context_size, cfg.device, "train"
     )
     held_out = embedded.embedded_dataset(cfg.dataset_path, model, cfg.context_size, "held_out")
-    store = _held_out_store(model, sae, held_out, cfg, hook)
+    store = _held_out_store(model, sae, held_out, cfg, hook, spec.evaluation.batch_prompts)
     activations = held_out_activations(model, store, hook, spec.evaluation.held_out_batches)
     calibrate_thresholds(sae, activations)
     sae.save_inference_model(out)
@@ -232,7 +236,7 @@ def _check_matches(sae: SAE[Any], hook: str, model: Any) -> None:
 
 
 def _held_out_store(
-    model: Any, sae: SAE[Any], dataset: Any, cfg: MultiSAETrainingRunnerConfig, hook: str
+    model: Any, sae: SAE[Any], dataset: Any, cfg: MultiSAETrainingRunnerConfig, hook: str, batch_prompts: int
 ) -> ActivationsStore:
     metadata = sae.cfg.metadata
     metadata.hook_name = metadata.hook_name or hook
@@ -243,7 +247,7 @@ def _held_out_store(
         dataset=dataset,
         context_size=cfg.context_size,
         streaming=False,
-        store_batch_size_prompts=cfg.store_batch_size_prompts,
+        store_batch_size_prompts=batch_prompts,
         n_batches_in_buffer=2,
         train_batch_size_tokens=cfg.train_batch_size_tokens,
         device=cfg.device,

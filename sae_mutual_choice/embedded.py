@@ -56,8 +56,8 @@ def dense_smollm2_dir() -> Path:
     # quantisation config that makes TransformerLens and save_pretrained refuse the model.
     model.config.architectures = ["LlamaForCausalLM"]
     if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
+        delattr(model.config, "quantization_config")
+    object.__setattr__(model, "hf_quantizer", None)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent))
     model.save_pretrained(staging)

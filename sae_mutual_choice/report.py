@@ -56,11 +56,18 @@ def _plots(results: dict[str, dict[str, Any]], out_dir: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    if not results:
+        return
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, row in results.items():
         counts = np.asarray(row["l0_histogram"], dtype=float)
         ax.step(np.arange(len(counts)), counts / counts.sum(), where="mid", label=name)
-    ax.set(xlabel="latents firing per token (L0)", ylabel="share of tokens", title="Per-token L0, held-out")
+    # Clip the long tail so the bulk stays readable; the table gives the maximum.
+    ax.set_xlim(0, 2.5 * max(row["l0_p90"] for row in results.values()) + 1)
+    ax.set_yscale("log")
+    ax.set(
+        xlabel="latents firing per token (L0)", ylabel="share of tokens (log)", title="Per-token L0, held-out"
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_dir / "l0_histogram.png", dpi=120)
