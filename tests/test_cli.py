@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import tiny_train_config
 from sae_lens import SAE, JumpReLUSAE
 
 from sae_mutual_choice.cli import main
@@ -72,25 +73,7 @@ def test_eval_command_and_hook_mismatch(compared, tmp_path):
 
 
 def test_train_and_calibrate(tmp_path):
-    config = {
-        "model_name": "tiny-random",
-        "hook_name": "blocks.0.hook_resid_post",
-        "dataset_path": "sotu",
-        "streaming": False,
-        "context_size": 32,
-        "training_tokens": 4096,
-        "train_batch_size_tokens": 256,
-        "store_batch_size_prompts": 8,
-        "n_batches_in_buffer": 8,
-        "n_eval_batches": 1,
-        "save_final_checkpoint": True,
-        "checkpoint_path": str(tmp_path / "checkpoints"),
-        "output_path": str(tmp_path / "out"),
-        "logger": {"log_to_wandb": False},
-        "sae": {"architecture": "feature_choice", "d_in": 32, "d_sae": 64, "k": 3.0},
-    }
-    path = tmp_path / "train.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = tiny_train_config(tmp_path, "feature_choice", training_tokens=4096, save_final_checkpoint=True)
     assert main(["train", str(path), "--set", "sae.k=4.0"]) == 0
     exported = SAE.load_from_disk(tmp_path / "out")
     assert isinstance(exported, JumpReLUSAE)

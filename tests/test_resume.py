@@ -12,35 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from helpers import tiny_train_config
 from safetensors.torch import load_file
 
 from sae_mutual_choice.cli import main
 
 
 def _config(tmp_path: Path, name: str, architecture: str, **extra) -> Path:
-    config = {
-        "model_name": "tiny-random",
-        "hook_name": "blocks.0.hook_resid_post",
-        "dataset_path": "sotu",
-        "streaming": False,
-        "context_size": 32,
-        "training_tokens": 6144,
-        "train_batch_size_tokens": 256,
-        "store_batch_size_prompts": 8,
-        "n_batches_in_buffer": 8,
-        "n_eval_batches": 1,
-        "n_checkpoints": 1,
-        "checkpoint_path": str(tmp_path / name / "checkpoints"),
-        "output_path": str(tmp_path / name / "out"),
-        "logger": {"log_to_wandb": False, "wandb_id": "run"},
-        "sae": {"architecture": architecture, "d_in": 32, "d_sae": 64, "k": 4.0},
-        "seed": 7,
-        **extra,
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return tiny_train_config(tmp_path / name, architecture, n_checkpoints=1, **extra)
 
 
 @pytest.mark.parametrize("architecture", ["feature_choice", "mutual_choice"])
