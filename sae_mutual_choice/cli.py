@@ -53,6 +53,17 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("WANDB_MODE", "offline")
 
     start = time.perf_counter()
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as error:  # bad config or input: say what, not where
+        print(f"sae-mc {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    print(f"done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return 0
+
+
+def run(args: argparse.Namespace) -> None:
+    """Dispatch one parsed command."""
     if args.command == "train":
         train(read_yaml(args.config, args.set))
     elif args.command in ("compare", "demo"):
@@ -67,8 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "calibrate":
         spec = compare_module.CompareSpec.from_dict(read_yaml(args.config, args.set))
         compare_module.run_calibrate(spec, Path(args.checkpoint), Path(args.out))
-    print(f"done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    return 0
 
 
 def train(data: dict[str, Any]) -> Any:

@@ -111,4 +111,11 @@ def _matches(value: Any, annotation: Any) -> bool:
 
 
 def _describe(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return f"one of {list(typing.get_args(annotation))}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")

@@ -85,3 +85,13 @@ def test_train_and_calibrate(tmp_path):
     calibrated = tmp_path / "calibrated"
     assert main(["calibrate", str(TINY), str(checkpoint), str(calibrated)]) == 0
     assert isinstance(SAE.load_from_disk(calibrated), JumpReLUSAE)
+
+
+def test_bad_config_is_a_one_line_error(tmp_path, capsys):
+    path = tiny_train_config(tmp_path, "feature_choice")
+    assert main(["train", str(path), "--set", "sae.capacity=zipfian"]) == 2
+    expected = (
+        "sae-mc train: error: config key sae.capacity has the wrong type: expected one of ['uniform', 'zipf']"
+    )
+    assert expected in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "missing.yaml")]) == 2
