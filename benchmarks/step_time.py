@@ -1,0 +1,145 @@
+"""Training-step time and peak memory of each architecture, relative to SAELens's ``topk``.
+
+For B tokens and each (d_in, F, k): one step is ``training_forward_pass`` + backward + Adam, as SAELens's
+trainer does. Architectures are timed interleaved, repetition by repetition, after warm-up; the printed
+ratio is the median over repetitions of (step time / SAELens ``topk`` step time in the same repetition).
+"encoder" is the one unavoidable matmul, ``sae_in @ W_enc`` (2·B·d·F FLOPs), timed the same way. Peak
+memory is measured per architecture in a fresh subprocess (peak RSS after two steps minus RSS before
+building the SAE, from ``/proc/self/status``), relative to ``topk``.
+
+    python benchmarks/step_time.py [--quick] [--reps 5]
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens.registry import get_sae_training_class
+from sae_lens.saes.sae import TrainStepInput
+
+import sae_mutual_choice  # noqa: F401  (registers the architectures)
+
+ARCHITECTURES = ["topk", "batchtopk", "token_choice", "mutual_choice", "feature_choice"]
+
+
+def build(architecture: str, d_in: int, d_sae: int, k: int) -> Any:
+    sae_class, config_class = get_sae_training_class(architecture)
+    kwargs: dict[str, Any] = {
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "k": k if architecture in ("topk", "token_choice") else float(k),
+    }
+    if architecture in ("mutual_choice", "feature_choice"):
+        kwargs["threshold_calibration_tokens"] = 0  # steady-state step; the kept inputs cost nothing per step
+    return sae_class(config_class(**kwargs))
+
+
+def step(sae: Any, optimizer: torch.optim.Optimizer, x: torch.Tensor, dead: torch.Tensor) -> None:
+    coefficients = {"aux_loss": 1.0} if sae.get_coefficients() else {}
+    out = sae.training_forward_pass(TrainStepInput(x, coefficients, dead, 0, False))
+    out.loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def time_steps(batch: int, d_in: int, d_sae: int, k: int, reps: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    x = torch.randn(batch, d_in)
+    dead = torch.rand(d_sae) < 0.05  # a few dead latents, so the aux losses do their work
+    saes = {name: build(name, d_in, d_sae, k) for name in ARCHITECTURES}
+    optimizers = {name: torch.optim.Adam(sae.parameters(), lr=1e-4) for name, sae in saes.items()}
+    W_enc = saes["topk"].W_enc.detach()
+    times: dict[str, list[float]] = {name: [] for name in [*ARCHITECTURES, "encoder"]}
+    for rep in range(reps + 1):  # repetition 0 is the warm-up
+        for name in [*ARCHITECTURES, "encoder"]:
+            start = time.perf_counter()
+            if name == "encoder":
+                with torch.no_grad():
+                    _ = x @ W_enc
+            else:
+                step(saes[name], optimizers[name], x, dead)
+            if rep:
+                times[name].append(time.perf_counter() - start)
+    base = times["topk"]
+    result = {f"{name}_seconds": statistics.median(t) for name, t in times.items()}
+    for name, t in times.items():
+        result[f"{name}_over_topk"] = statistics.median(a / b for a, b in zip(t, base, strict=True))
+        result[f"{name}_over_encoder"] = statistics.median(
+            a / b for a, b in zip(t, times["encoder"], strict=True)
+        )
+    return result
+
+
+def memory_kb(field: str) -> int:
+    """A memory figure of this process from ``/proc/self/status`` (Linux): ``VmRSS`` now, ``VmHWM`` peak.
+
+    Not ``ru_maxrss``: it survives fork and exec, so a child would start at its parent's peak.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory(architecture: str, batch: int, d_in: int, d_sae: int, k: int) -> int:
+    """Bytes: peak RSS of two steps minus the RSS before the SAE was built, in a fresh process."""
+    code = (
+        "import sys, torch; sys.path.insert(0, 'benchmarks'); import step_time as s;"
+        f"x = torch.randn({batch}, {d_in}); dead = torch.rand({d_sae}) < 0.05;"
+        "before = s.memory_kb('VmRSS');"
+        f"sae = s.build({architecture!r}, {d_in}, {d_sae}, {k}); opt = torch.optim.Adam(sae.parameters());"
+        "[s.step(sae, opt, x, dead) for _ in range(2)];"
+        "print(s.memory_kb('VmHWM') - before)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(done.stdout.strip().splitlines()[-1]) * 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args()
+    batch, sizes = (256, [(64, 512, 8)]) if args.quick else (4096, [(768, 16384, 32), (576, 4608, 32)])
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, B = {batch}, {args.reps} repetitions"
+    )
+    rows = []
+    for d_in, d_sae, k in sizes:
+        timing = time_steps(batch, d_in, d_sae, k, args.reps)
+        memory = {name: peak_memory(name, batch, d_in, d_sae, k) for name in ARCHITECTURES}
+        for name in ARCHITECTURES:
+            rows.append(
+                {
+                    "d_in": d_in,
+                    "d_sae": d_sae,
+                    "k": k,
+                    "architecture": name,
+                    "step_seconds": timing[f"{name}_seconds"],
+                    "over_topk": timing[f"{name}_over_topk"],
+                    "over_encoder": timing[f"{name}_over_encoder"],
+                    "peak_memory_mb": memory[name] / 2**20,
+                    "memory_over_topk": memory[name] / max(memory["topk"], 1),
+                }
+            )
+        print(f"encoder matmul alone: {timing['encoder_seconds']:.3f} s")
+    print(
+        "\n| d_in, F, k | architecture | step s | / topk step | / encoder matmul | peak MB | / topk memory |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['d_in']}, {r['d_sae']}, {r['k']} | {r['architecture']} | {r['step_seconds']:.3f} | {r['over_topk']:.2f}"
+            f" | {r['over_encoder']:.2f} | {r['peak_memory_mb']:.0f} | {r['memory_over_topk']:.2f} |"
+        )
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""Smoke runs of the benchmark scripts (their --quick variants): they run and print their tables.
+
+They assert nothing about which architecture wins; the figures belong to the scripts' full runs.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "header"),
+    [
+        ("step_time.py", ["--quick", "--reps", "1"], "| d_in, F, k | architecture | step s |"),
+        ("export_l0.py", ["--quick"], "| architecture | k | L0 / k: running estimate |"),
+    ],
+)
+def test_benchmark_runs(script, args, header):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert header in done.stdout
