@@ -14,6 +14,7 @@ A compare config (YAML) has four sections:
 - ``quick`` (optional): dotted overrides applied by ``--quick``.
 """
 
+import dataclasses
 import json
 import sys
 import time
@@ -94,28 +95,54 @@ class CompareSpec:
             raise ValueError("nothing to do: `saes` and `evaluate_only` are both empty")
         return cls(runner, saes, evaluate_only, Evaluation(**evaluation))
 
+    def setting(self, name: str) -> Any:
+        """A ``runner`` field, or MultiSAETrainingRunnerConfig's default for it."""
+        if name in self.runner:
+            return self.runner[name]
+        (field_,) = [f for f in dataclasses.fields(MultiSAETrainingRunnerConfig) if f.name == name]
+        return field_.default_factory() if field_.default is dataclasses.MISSING else field_.default  # type: ignore[misc]
+
+    @property
+    def hook(self) -> str:
+        """The hook every SAE reads (one shared hook: that is what the comparison is about)."""
+        hooks = self.setting("hook_names")
+        if isinstance(hooks, str):
+            return hooks
+        if len(set(hooks.values())) != 1:
+            raise ValueError(
+                f"runner.hook_names: compare evaluates one hook, got {sorted(set(hooks.values()))}"
+            )
+        return next(iter(hooks.values()))
+
     def multi_runner_config(self, log_to_wandb: bool) -> MultiSAETrainingRunnerConfig:
         logger = LoggingConfig(**{**self.runner.get("logger", {}), "log_to_wandb": log_to_wandb})
         fields = {**self.runner, "logger": logger, "output_path": str(Path(self.output_dir) / "saes")}
         return MultiSAETrainingRunnerConfig(saes=self.saes, **fields)
 
 
+def load_any_model(
+    model_name: str, context_size: int, device: str, model_class_name: str = "HookedTransformer"
+) -> Any:
+    """An embedded model by name, or whatever SAELens's ``load_model`` loads."""
+    if model_name in embedded.EMBEDDED_MODELS:
+        return embedded.load_embedded_model(model_name, context_size, device)
+    from sae_lens.load_model import load_model
+
+    return load_model(model_class_name, model_name, device=device)
+
+
 def resolve_model_and_dataset(
     model_name: str, dataset_path: str, context_size: int, device: str, split: str
 ) -> tuple[Any, Any]:
-    """Embedded model and corpus (or None, None for SAELens to load by name)."""
-    model = (
-        embedded.load_embedded_model(model_name, context_size, device)
-        if model_name in embedded.EMBEDDED_MODELS
+    """The overrides a SAELens runner needs for embedded names: (model or None, dataset or None)."""
+    if model_name not in embedded.EMBEDDED_MODELS and dataset_path != embedded.SOTU:
+        return None, None  # SAELens loads both by name
+    model = load_any_model(model_name, context_size, device)
+    dataset = (
+        embedded.embedded_dataset(dataset_path, model, context_size, split)
+        if dataset_path == embedded.SOTU
         else None
     )
-    dataset = None
-    if dataset_path == embedded.SOTU:
-        if model is None:
-            from sae_lens.load_model import load_model
-
-            model = load_model("HookedTransformer", model_name, device=device)
-        dataset = embedded.embedded_dataset(dataset_path, model, context_size, split)
     return model, dataset
 
 
@@ -125,15 +152,16 @@ def _say(message: str) -> None:
 
 def run_compare(spec: CompareSpec, log_to_wandb: bool = False) -> dict[str, Any]:
     """Train ``spec.saes`` together, evaluate them and ``spec.evaluate_only``, write the results."""
-    cfg = spec.multi_runner_config(log_to_wandb)
-    start = time.perf_counter()
-    model, dataset = resolve_model_and_dataset(
-        cfg.model_name, cfg.dataset_path, cfg.context_size, cfg.device, split="train"
-    )
-    _say(f"model and corpus ready in {time.perf_counter() - start:.0f} s")
     paths: dict[str, Path | dict[str, str]] = {}
-    train_seconds = None
+    meta: dict[str, Any] = {"saes": sorted(spec.saes)}
+    model = None
     if spec.saes:
+        cfg = spec.multi_runner_config(log_to_wandb)
+        start = time.perf_counter()
+        model, dataset = resolve_model_and_dataset(
+            cfg.model_name, cfg.dataset_path, cfg.context_size, cfg.device, split="train"
+        )
+        _say(f"model and corpus ready in {time.perf_counter() - start:.0f} s")
         start = time.perf_counter()
         torch.manual_seed(cfg.seed)  # SAELens does not seed the SAEs' initialisation itself
         runner = MultiSAETrainingRunner(cfg, override_model=model, override_dataset=dataset)
@@ -142,10 +170,12 @@ def run_compare(spec: CompareSpec, log_to_wandb: bool = False) -> dict[str, Any]
         _say(f"trained {len(spec.saes)} SAEs on {cfg.training_tokens} tokens in {train_seconds:.0f} s")
         model = runner.model
         paths = {name: Path(cfg.output_path or "") / name for name in spec.saes}
+        meta.update(
+            train_seconds=train_seconds,
+            training_tokens=cfg.training_tokens,
+            train_tokens_per_second=cfg.training_tokens / train_seconds,
+        )
     paths.update(spec.evaluate_only)
-    meta = {"train_seconds": train_seconds, "training_tokens": cfg.training_tokens, "saes": sorted(spec.saes)}
-    if train_seconds:
-        meta["train_tokens_per_second"] = cfg.training_tokens / train_seconds
     return evaluate_all(spec, paths, model, meta)
 
 
@@ -157,29 +187,25 @@ def run_eval(spec: CompareSpec, paths: list[Path]) -> dict[str, Any]:
 def evaluate_all(
     spec: CompareSpec, entries: dict[str, Any], model: Any, meta: dict[str, Any]
 ) -> dict[str, Any]:
-    cfg = spec.multi_runner_config(log_to_wandb=False)
-    hook = cfg.hook_names if isinstance(cfg.hook_names, str) else next(iter(cfg.hook_names.values()))
+    hook, device, context_size = spec.hook, spec.setting("device"), spec.setting("context_size")
+    dataset_path = spec.setting("dataset_path")
     if model is None:
-        model, _ = resolve_model_and_dataset(
-            cfg.model_name, cfg.dataset_path, cfg.context_size, cfg.device, "train"
+        model = load_any_model(
+            spec.setting("model_name"), context_size, device, spec.setting("model_class_name")
         )
-        if model is None:
-            from sae_lens.load_model import load_model
-
-            model = load_model(cfg.model_class_name, cfg.model_name, device=cfg.device)
     held_out = (
-        embedded.embedded_dataset(cfg.dataset_path, model, cfg.context_size, "held_out")
-        if cfg.dataset_path == embedded.SOTU
-        else cfg.dataset_path
+        embedded.embedded_dataset(dataset_path, model, context_size, "held_out")
+        if dataset_path == embedded.SOTU
+        else dataset_path
     )
     results: dict[str, dict[str, Any]] = {}
     activations = None
     for name, entry in entries.items():
         start = time.perf_counter()
         try:
-            sae = _load(entry, cfg.device)
+            sae = _load(entry, device)
             _check_matches(sae, hook, model)
-            store = _held_out_store(model, sae, held_out, cfg, hook, spec.evaluation.batch_prompts)
+            store = _held_out_store(model, sae, held_out, spec)
             if activations is None:
                 activations = held_out_activations(model, store, hook, spec.evaluation.held_out_batches)
             row = {
@@ -202,15 +228,14 @@ def evaluate_all(
 
 def run_calibrate(spec: CompareSpec, checkpoint: Path, out: Path) -> Path:
     """Calibrate a training checkpoint's thresholds exactly on held-out text; save as an inference SAE."""
-    cfg = spec.multi_runner_config(log_to_wandb=False)
-    sae: Any = TrainingSAE.load_from_disk(checkpoint, device=cfg.device)
-    hook = cfg.hook_names if isinstance(cfg.hook_names, str) else next(iter(cfg.hook_names.values()))
-    model, _ = resolve_model_and_dataset(
-        cfg.model_name, cfg.dataset_path, cfg.context_size, cfg.device, "train"
+    context_size = spec.setting("context_size")
+    sae: Any = TrainingSAE.load_from_disk(checkpoint, device=spec.setting("device"))
+    model = load_any_model(
+        spec.setting("model_name"), context_size, spec.setting("device"), spec.setting("model_class_name")
     )
-    held_out = embedded.embedded_dataset(cfg.dataset_path, model, cfg.context_size, "held_out")
-    store = _held_out_store(model, sae, held_out, cfg, hook, spec.evaluation.batch_prompts)
-    activations = held_out_activations(model, store, hook, spec.evaluation.held_out_batches)
+    held_out = embedded.embedded_dataset(spec.setting("dataset_path"), model, context_size, "held_out")
+    store = _held_out_store(model, sae, held_out, spec)
+    activations = held_out_activations(model, store, spec.hook, spec.evaluation.held_out_batches)
     calibrate_thresholds(sae, activations)
     sae.save_inference_model(out)
     print(f"calibrated on {activations.shape[0]} held-out tokens: {out.resolve()}")
@@ -235,22 +260,22 @@ def _check_matches(sae: SAE[Any], hook: str, model: Any) -> None:
         raise ValueError(f"SAE d_in {sae.cfg.d_in} does not match the activations' width {d_model}")
 
 
-def _held_out_store(
-    model: Any, sae: SAE[Any], dataset: Any, cfg: MultiSAETrainingRunnerConfig, hook: str, batch_prompts: int
-) -> ActivationsStore:
+def _held_out_store(model: Any, sae: SAE[Any], dataset: Any, spec: CompareSpec) -> ActivationsStore:
     metadata = sae.cfg.metadata
-    metadata.hook_name = metadata.hook_name or hook
-    metadata.prepend_bos = cfg.prepend_bos if metadata.prepend_bos is None else metadata.prepend_bos
+    metadata.hook_name = metadata.hook_name or spec.hook
+    metadata.prepend_bos = (
+        spec.setting("prepend_bos") if metadata.prepend_bos is None else metadata.prepend_bos
+    )
     return ActivationsStore.from_sae(
         model,
         sae,
         dataset=dataset,
-        context_size=cfg.context_size,
+        context_size=spec.setting("context_size"),
         streaming=False,
-        store_batch_size_prompts=batch_prompts,
+        store_batch_size_prompts=spec.evaluation.batch_prompts,
         n_batches_in_buffer=2,
-        train_batch_size_tokens=cfg.train_batch_size_tokens,
-        device=cfg.device,
+        train_batch_size_tokens=spec.setting("train_batch_size_tokens"),
+        device=spec.setting("device"),
     )
 
 

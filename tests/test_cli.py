@@ -95,3 +95,15 @@ def test_bad_config_is_a_one_line_error(tmp_path, capsys):
     )
     assert expected in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_compare_with_only_saes_to_evaluate(compared, tmp_path):
+    config = yaml.safe_load(TINY.read_text())
+    del config["saes"]
+    config["evaluate_only"] = {"earlier_topk": {"path": str(compared / "saes" / "topk")}}
+    config["evaluation"]["output_dir"] = str(tmp_path / "results")
+    path = tmp_path / "evaluate_only.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["compare", str(path)]) == 0
+    results = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert math.isfinite(results["earlier_topk"]["explained_variance"])
