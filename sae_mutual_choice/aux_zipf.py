@@ -8,6 +8,8 @@ candidates are the latents with ``w_j > 0``, each selected latent's activation i
 exactly.
 """
 
+from typing import NamedTuple
+
 import torch
 from sae_lens.saes.topk_sae import act_times_W_dec
 
@@ -34,6 +36,32 @@ def underuse_weights(
     return weights.to(usage.dtype), exponent
 
 
+class AuxSelection(NamedTuple):
+    """Each token's selected under-used latents ``latents [B, k_aux]``, their weights, and the loss scale."""
+
+    latents: torch.Tensor
+    weights: torch.Tensor
+    scale: float
+
+
+@torch.no_grad()
+def aux_selection(hidden_pre: torch.Tensor, underuse: torch.Tensor, d_in: int) -> AuxSelection | None:
+    """Which latents each token's aux reconstruction uses (None when no latent is under-used).
+
+    ``hidden_pre``: ``[B, F]`` scores; ``underuse``: ``[F]`` weights in ``[0, 1]``. Each token takes
+    its ``min(d_in // 2, #candidates)`` best-scoring candidates (latents with weight > 0).
+    """
+    candidates = underuse > 0
+    n_candidates = int(candidates.sum())
+    if n_candidates == 0:
+        return None
+    k_aux = d_in // 2
+    scale = min(float(underuse.sum()) / k_aux, 1.0)
+    masked = torch.where(candidates[None], hidden_pre, -torch.inf)
+    latents = masked.topk(min(k_aux, n_candidates), sorted=False).indices
+    return AuxSelection(latents, underuse.to(hidden_pre.dtype)[latents], scale)
+
+
 def aux_zipf_loss(
     sae_in: torch.Tensor,
     sae_out: torch.Tensor,
@@ -43,23 +71,27 @@ def aux_zipf_loss(
     rescale_acts_by_decoder_norm: bool,
     coefficient: float,
 ) -> torch.Tensor:
-    """The auxiliary loss for one batch (a scalar).
+    """The auxiliary loss for one batch (a scalar), on the dense activations.
 
     ``sae_in``, ``sae_out``: ``[B, d_in]``; ``hidden_pre``: ``[B, F]`` scores; ``underuse``: ``[F]``
     weights in ``[0, 1]``; ``W_dec``: ``[F, d_in]``. The residual is detached, so only the
     selected under-used latents (their encoder rows and decoder rows) receive gradient.
     """
-    candidates = underuse > 0
-    n_candidates = int(candidates.sum())
-    if n_candidates == 0:
+    selection = aux_selection(hidden_pre, underuse, sae_in.shape[-1])
+    if selection is None:
         return sae_out.new_tensor(0.0)
-    residual = (sae_in - sae_out).detach()
-    k_aux = sae_in.shape[-1] // 2
-    scale = min(float(underuse.sum()) / k_aux, 1.0)
-    k_aux = min(k_aux, n_candidates)
-    top = torch.where(candidates[None], hidden_pre, -torch.inf).topk(k_aux, sorted=False)
-    aux_acts = torch.zeros_like(hidden_pre).scatter(
-        -1, top.indices, top.values * underuse.to(hidden_pre.dtype)[top.indices]
-    )
+    values = hidden_pre.gather(-1, selection.latents) * selection.weights
+    aux_acts = torch.zeros_like(hidden_pre).scatter(-1, selection.latents, values)
     recons = act_times_W_dec(aux_acts, W_dec, rescale_acts_by_decoder_norm)
+    return aux_reconstruction_loss(recons, sae_in, sae_out, selection.scale, coefficient)
+
+
+def aux_reconstruction_loss(
+    recons: torch.Tensor, sae_in: torch.Tensor, sae_out: torch.Tensor, scale: float, coefficient: float
+) -> torch.Tensor:
+    """``coefficient * scale * |recons - (sae_in - sae_out)|^2``, summed over d_in, mean over tokens.
+
+    The residual ``sae_in - sae_out`` is detached.
+    """
+    residual = (sae_in - sae_out).detach()
     return coefficient * scale * (recons - residual).pow(2).sum(dim=-1).mean()

@@ -3,7 +3,10 @@
 :class:`AllocationSAEMixin` goes first in the bases of each training SAE. It adds
 
 - input validation (last dimension, empty batches, non-finite values) with clear errors;
-- each latent's running firing rate (a persistent buffer, so checkpoints keep it);
+- the choice of training step: the sparse step (:mod:`sae_mutual_choice.sparse_step`) when
+  ``sparse_training`` is on, else SAELens's dense step (the reference);
+- each latent's running firing rate (a persistent buffer, so checkpoints keep it), and the
+  architecture's other running statistics, updated from the fired pairs of either step;
 - the auxiliary loss (``aux_zipf``, ``aux_k`` or none) with its coefficient scheduled through
   ``get_coefficients()``, and its metrics (under-used latents, fitted Zipf exponent);
 - removal of these training-only buffers from the exported inference state dict.
@@ -16,6 +19,8 @@ from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepO
 
 from sae_mutual_choice.aux_zipf import aux_zipf_loss, underuse_weights
 from sae_mutual_choice.running import debiased, ema_update_
+from sae_mutual_choice.selection import Entries, fired_entries
+from sae_mutual_choice.sparse_step import SparseStep
 
 AUX_COEFFICIENT = "aux_loss"
 
@@ -34,6 +39,8 @@ class AllocationSAEMixin:
     """Shared training behaviour; see the module docstring. Call :meth:`_init_allocation_state` last in ``__init__``."""
 
     cfg: Any
+    W_enc: torch.nn.Parameter
+    b_enc: torch.nn.Parameter
     W_dec: torch.nn.Parameter
     training_only_buffers: list[str]
     latent_usage: torch.Tensor
@@ -71,17 +78,46 @@ class AllocationSAEMixin:
         }
 
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
-        output = super().training_forward_pass(step_input)  # type: ignore[misc]
+        if self.sparse_step_applies(step_input):
+            validate_activations(step_input.sae_in, self.cfg.d_in)
+            output = SparseStep(self, step_input).run()
+        else:
+            output = super().training_forward_pass(step_input)  # type: ignore[misc]
         with torch.no_grad():
-            fired = output.feature_acts.reshape(-1, self.cfg.d_sae) > 0
-            ema_update_(
-                self.latent_usage,
-                self.latent_usage_weight,
-                fired.float().mean(0),
-                self.statistics_rate,
-            )
+            entries, values = fired_entries(output.feature_acts)
+            n_tokens = output.sae_in.reshape(-1, self.cfg.d_in).shape[0]
+            self.update_running_statistics(entries, values, n_tokens)
         output.metrics.update(self.step_metrics)
         return output
+
+    def sparse_step_applies(self, step_input: TrainStepInput) -> bool:
+        """Whether this step runs sparse: ``sparse_training`` is on, the input is ``[B, d_in]``, and no
+        hook is attached to the SAE (hooks see dense tensors, so a hooked SAE trains densely)."""
+        if not self.cfg.sparse_training or step_input.sae_in.ndim != 2:
+            return False
+        if getattr(self, "hook_z_reshaping_mode", False):
+            return False
+        hook_points = self.hook_dict.values()  # type: ignore[attr-defined]
+        return not any(hook._forward_hooks or hook._backward_hooks for hook in hook_points)
+
+    def encoder_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw scores ``x @ W_enc + b_enc`` of processed inputs ``[B, d_in] -> [B, F]`` (no decoder norms)."""
+        return x @ self.W_enc + self.b_enc
+
+    def select_entries(self, hidden_pre: torch.Tensor) -> Entries:
+        """The firing pairs of a batch's scores ``[B, F]`` (the sparse step's activation function)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def update_running_statistics(
+        self,
+        entries: Entries,
+        values: torch.Tensor,  # noqa: ARG002 (the subclasses' statistics use it)
+        n_tokens: int,
+    ) -> None:
+        """Update the running statistics from a step's fired pairs and their activations."""
+        fired = torch.bincount(entries.cols, minlength=self.cfg.d_sae).float() / n_tokens
+        ema_update_(self.latent_usage, self.latent_usage_weight, fired, self.statistics_rate)
 
     def underuse(self, dead_neuron_mask: torch.Tensor | None) -> torch.Tensor:
         """Each latent's aux weight in ``[0, 1]`` for the configured ``aux_loss``. ``-> [F]``."""
@@ -100,6 +136,15 @@ class AllocationSAEMixin:
         self.step_metrics["usage_zipf_exponent"] = exponent
         return torch.maximum(weights.float(), dead)
 
+    def aux_underuse(self, step_input: TrainStepInput) -> tuple[torch.Tensor, float] | None:
+        """The aux loss's per-latent weights ``[F]`` and coefficient now; None when ``aux_loss`` is none."""
+        if self.cfg.aux_loss == "none":
+            return None
+        underuse = self.underuse(step_input.dead_neuron_mask)
+        self.step_metrics["underused_latents"] = int((underuse > 0).sum())
+        coefficient = step_input.coefficients.get(AUX_COEFFICIENT)
+        return underuse, self.cfg.aux_loss_coefficient if coefficient is None else coefficient
+
     def calculate_aux_loss(
         self,
         step_input: TrainStepInput,
@@ -107,11 +152,10 @@ class AllocationSAEMixin:
         hidden_pre: torch.Tensor,
         sae_out: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        if self.cfg.aux_loss == "none":
+        aux = self.aux_underuse(step_input)
+        if aux is None:
             return {}
-        underuse = self.underuse(step_input.dead_neuron_mask)
-        self.step_metrics["underused_latents"] = int((underuse > 0).sum())
-        coefficient = step_input.coefficients.get(AUX_COEFFICIENT)
+        underuse, coefficient = aux
         loss = aux_zipf_loss(
             sae_in=step_input.sae_in,
             sae_out=sae_out,
@@ -119,7 +163,7 @@ class AllocationSAEMixin:
             underuse=underuse,
             W_dec=self.W_dec,
             rescale_acts_by_decoder_norm=self.cfg.rescale_acts_by_decoder_norm,
-            coefficient=self.cfg.aux_loss_coefficient if coefficient is None else coefficient,
+            coefficient=coefficient,
         )
         return {"auxiliary_reconstruction_loss": loss}
 

@@ -44,10 +44,13 @@ def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 
 @dataclass(kw_only=True)
-class AuxLossFields:
-    """Auxiliary-loss and running-statistics fields shared by every architecture here.
+class AllocationFields:
+    """Fields shared by every architecture here: the training step, the aux loss, running statistics.
 
     Args:
+        sparse_training: train with the sparse step (only the selected pairs go past the
+            encoder matmul; see :mod:`sae_mutual_choice.sparse_step`). False: SAELens's dense
+            step, the reference. Both give the same losses and gradients.
         aux_loss: ``"aux_zipf"`` (latents under-used relative to a Zipf fit, dead latents
             included), ``"aux_k"`` (dead latents only: SAELens's AuxK), or ``"none"``.
         aux_loss_warm_up_steps: steps over which the aux coefficient ramps linearly from 0
@@ -59,6 +62,7 @@ class AuxLossFields:
             target rate; its aux weight grows from 0 there to 1 at no firing.
     """
 
+    sparse_training: bool = True
     aux_loss: AuxLoss = "aux_zipf"
     aux_loss_warm_up_steps: int = 0
     usage_window: int = 1000
@@ -69,6 +73,8 @@ class AuxLossFields:
 def validate_common(cfg: Any, *, integer_k: bool) -> None:
     """Validate the fields every architecture here has (``cfg`` is one of our configs)."""
     check_range("d_in", cfg.d_in, 1, math.inf)
+    if not isinstance(cfg.sparse_training, bool):
+        raise ValueError(f"sparse_training must be true or false, got {cfg.sparse_training!r}")
     check_range("d_sae", cfg.d_sae, 1, math.inf)
     if integer_k and (not isinstance(cfg.k, int) or isinstance(cfg.k, bool)):
         raise ValueError(f"k must be an integer in [1, d_sae={cfg.d_sae}], got {cfg.k!r}")

@@ -11,15 +11,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import TopKTrainingSAE
 from typing_extensions import override
 
-from sae_mutual_choice.allocation import batch_budget, feature_choice, mutual_choice_mask, over_tokens
+from sae_mutual_choice.allocation import batch_budget, feature_choice, over_tokens
 from sae_mutual_choice.base import AllocationSAEMixin
 from sae_mutual_choice.config import check_choice, check_range
 from sae_mutual_choice.mutual_choice import MutualChoiceTrainingSAEConfig
 from sae_mutual_choice.running import debiased, ema_update_
+from sae_mutual_choice.selection import Entries, feature_choice_entries, mutual_choice_entries
 from sae_mutual_choice.thresholds import JumpReLUExportMixin
 from sae_mutual_choice.zipf import fit_zipf, round_capacities, zipf_capacities
 
@@ -111,32 +111,45 @@ class FeatureChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, TopKTrai
 
     def allocate(self, scores: torch.Tensor) -> torch.Tensor:
         """Feature Choice on one batch of scores ``[B, F] -> [B, F]``."""
+        return feature_choice(scores, self.batch_capacities(scores))
+
+    @override
+    def select_entries(self, hidden_pre: torch.Tensor) -> Entries:
+        return feature_choice_entries(hidden_pre, self.batch_capacities(hidden_pre))
+
+    @override
+    def encoder_scores(self, x: torch.Tensor) -> torch.Tensor:
+        # Latent-major storage ([F, B] transposed), so each latent's top-m reads one contiguous row.
+        return (self.W_enc.t() @ x.t() + self.b_enc[:, None]).t()
+
+    @torch.no_grad()
+    def batch_capacities(self, scores: torch.Tensor) -> torch.Tensor:
+        """Integer capacities for a batch of scores ``[B, F]``; in training mode, updates demand and carry first."""
         n_tokens = scores.shape[0]
         budget = batch_budget(self.cfg.k, n_tokens)
         if self.training and self.cfg.capacity == "zipf" and budget > 0:
-            with torch.no_grad():
-                won = mutual_choice_mask(scores.detach(), budget).sum(0)
-                ema_update_(self.latent_demand, self.latent_demand_weight, won / budget, self.statistics_rate)
+            won = torch.bincount(mutual_choice_entries(scores, budget).cols, minlength=self.cfg.d_sae)
+            ema_update_(self.latent_demand, self.latent_demand_weight, won / budget, self.statistics_rate)
         counts, carry = round_capacities(self.capacities(n_tokens), self.capacity_carry, budget, n_tokens)
         if self.training:
             self.capacity_carry.copy_(carry)
-        return feature_choice(scores, counts)
+        return counts
 
     @override
-    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
-        output = super().training_forward_pass(step_input)
-        with torch.no_grad():
-            acts = output.feature_acts.reshape(-1, self.cfg.d_sae)
-            smallest_selected = torch.where(acts > 0, acts, torch.inf).amin(0)
-            fired = torch.isfinite(smallest_selected)
-            ema_update_(
-                self.latent_threshold,
-                self.latent_threshold_weight,
-                torch.where(fired, smallest_selected, 0.0),
-                self.cfg.topk_threshold_lr,
-                where=fired,
-            )
-        return output
+    @torch.no_grad()
+    def update_running_statistics(self, entries: Entries, values: torch.Tensor, n_tokens: int) -> None:
+        # Each latent's smallest fired score, into its bias-corrected running threshold.
+        super().update_running_statistics(entries, values, n_tokens)
+        smallest = torch.full_like(self.latent_threshold, torch.inf)
+        smallest.scatter_reduce_(0, entries.cols, values.to(smallest.dtype), "amin")
+        fired = torch.isfinite(smallest)
+        ema_update_(
+            self.latent_threshold,
+            self.latent_threshold_weight,
+            torch.where(fired, smallest, 0.0),
+            self.cfg.topk_threshold_lr,
+            where=fired,
+        )
 
     def ema_thresholds(self) -> torch.Tensor:
         """Per-latent bias-corrected running thresholds ``[F]``; inf for a latent that never fired."""

@@ -16,14 +16,15 @@ from typing_extensions import override
 
 from sae_mutual_choice.allocation import batch_budget, mutual_choice, over_tokens
 from sae_mutual_choice.base import AllocationSAEMixin
-from sae_mutual_choice.config import AuxLossFields, check_integer, check_range, validate_common
+from sae_mutual_choice.config import AllocationFields, check_integer, check_range, validate_common
 from sae_mutual_choice.running import debiased
+from sae_mutual_choice.selection import Entries, mutual_choice_entries
 from sae_mutual_choice.thresholds import JumpReLUExportMixin
 
 
 @dataclass
-class MutualChoiceTrainingSAEConfig(AuxLossFields, BatchTopKTrainingSAEConfig):
-    """SAELens's BatchTopK config plus our auxiliary-loss fields.
+class MutualChoiceTrainingSAEConfig(AllocationFields, BatchTopKTrainingSAEConfig):
+    """SAELens's BatchTopK config plus our shared fields (see :class:`AllocationFields`).
 
     ``k`` (float) is the mean number of latents per token; a batch of B tokens fires at most
     ``int(k * B)`` pairs. ``topk_threshold_lr`` is the rate of the running threshold estimate;
@@ -83,12 +84,22 @@ class MutualChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, BatchTopK
         return output
 
     @override
-    @torch.no_grad()
+    def select_entries(self, hidden_pre: torch.Tensor) -> Entries:
+        return mutual_choice_entries(hidden_pre, batch_budget(self.cfg.k, hidden_pre.shape[0]))
+
+    @override
     def update_topk_threshold(self, acts_topk: torch.Tensor) -> None:
-        # SAELens updates the raw EMA; the weight records how far it is from its start at 0.
-        super().update_topk_threshold(acts_topk)
-        if bool((acts_topk > 0).any()):
+        """Nothing: the threshold is updated in :meth:`update_running_statistics`, for both training steps."""
+
+    @override
+    @torch.no_grad()
+    def update_running_statistics(self, entries: Entries, values: torch.Tensor, n_tokens: int) -> None:
+        # SAELens's raw EMA of the smallest fired score; the weight records how far it is from its start at 0.
+        super().update_running_statistics(entries, values, n_tokens)
+        if values.numel():
             lr = self.cfg.topk_threshold_lr
+            smallest = values.min().to(self.topk_threshold.dtype)
+            self.topk_threshold.mul_(1 - lr).add_(lr * smallest)
             self.topk_threshold_weight.mul_(1 - lr).add_(lr)
 
     def ema_thresholds(self) -> torch.Tensor:

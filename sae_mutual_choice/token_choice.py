@@ -12,12 +12,13 @@ from typing_extensions import override
 
 from sae_mutual_choice.allocation import over_tokens, token_choice
 from sae_mutual_choice.base import AllocationSAEMixin
-from sae_mutual_choice.config import AuxLossFields, validate_common
+from sae_mutual_choice.config import AllocationFields, validate_common
+from sae_mutual_choice.selection import Entries, token_choice_entries
 
 
 @dataclass
-class TokenChoiceTrainingSAEConfig(AuxLossFields, TopKTrainingSAEConfig):
-    """SAELens's TopK config plus our auxiliary-loss fields (see :class:`AuxLossFields`)."""
+class TokenChoiceTrainingSAEConfig(AllocationFields, TopKTrainingSAEConfig):
+    """SAELens's TopK config plus our shared fields (see :class:`AllocationFields`)."""
 
     @override
     @classmethod
@@ -58,3 +59,7 @@ class TokenChoiceTrainingSAE(AllocationSAEMixin, TopKTrainingSAE):
     @override
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         return TokenChoice(self.cfg.k)
+
+    @override
+    def select_entries(self, hidden_pre: torch.Tensor) -> Entries:
+        return token_choice_entries(hidden_pre, self.cfg.k)

@@ -61,3 +61,9 @@ def tiny_train_config(run_dir: Path, architecture: str, **overrides: Any) -> Pat
     path = run_dir / "train.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def dense_acts(output: TrainStepOutput) -> torch.Tensor:
+    """A training step's feature activations as a dense tensor (the sparse step returns sparse COO)."""
+    acts = output.feature_acts.detach()
+    return acts.to_dense() if acts.is_sparse else acts

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import step_input
+from helpers import dense_acts, step_input
 from sae_lens.saes.sae import TrainCoefficientConfig
 
 from sae_mutual_choice import MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig, aux_zipf_loss
@@ -101,7 +101,7 @@ def test_aux_zipf_in_training_uses_usage_and_logs_metrics():
         assert out.metrics["underused_latents"] == expected_underused
     assert expected_underused > 0
     assert "usage_zipf_exponent" in out.metrics
-    torch.testing.assert_close(sae.latent_usage, (out.feature_acts > 0).float().mean(0))
+    torch.testing.assert_close(sae.latent_usage, (dense_acts(out) > 0).float().mean(0))
     # Dead latents are always candidates, with weight 1.
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[[0, 5]] = True

@@ -1,10 +1,14 @@
-"""Our architectures against SAELens's own, on identical weights and inputs."""
+"""Our architectures against SAELens's own, on identical weights and inputs.
+
+The comparisons with SAELens use our dense step (``sparse_training=False``), which runs the same
+operations as SAELens; tests/test_sparse_step.py compares the sparse step with the dense one.
+"""
 
 from functools import partial
 
 import pytest
 import torch
-from helpers import copy_parameters, forward_and_grads, step_input
+from helpers import copy_parameters, dense_acts, forward_and_grads, step_input
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from safetensors.torch import load_file
@@ -64,7 +68,9 @@ def test_mutual_choice_with_aux_k_equals_batchtopk(tmp_path, rescale):
     theirs = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common))
     # threshold_calibration_tokens=0: export the running estimate, to compare it with SAELens's.
     ours = MutualChoiceTrainingSAE(
-        MutualChoiceTrainingSAEConfig(**common, aux_loss="aux_k", threshold_calibration_tokens=0)
+        MutualChoiceTrainingSAEConfig(
+            **common, aux_loss="aux_k", threshold_calibration_tokens=0, sparse_training=False
+        )
     )
     copy_parameters(theirs, ours)
     _assert_same_steps(ours, theirs)
@@ -88,7 +94,9 @@ def test_token_choice_with_aux_k_equals_topk(tmp_path, rescale):
     common = {"d_in": D_IN, "d_sae": D_SAE, "k": 4, "rescale_acts_by_decoder_norm": rescale}
     torch.manual_seed(1)
     theirs = TopKTrainingSAE(TopKTrainingSAEConfig(**common))
-    ours = TokenChoiceTrainingSAE(TokenChoiceTrainingSAEConfig(**common, aux_loss="aux_k"))
+    ours = TokenChoiceTrainingSAE(
+        TokenChoiceTrainingSAEConfig(**common, aux_loss="aux_k", sparse_training=False)
+    )
     copy_parameters(theirs, ours)
     _assert_same_steps(ours, theirs)
     ours.save_inference_model(tmp_path / "ours")
@@ -115,7 +123,7 @@ def test_feature_choice_with_uniform_capacities_equals_per_column_top_m():
         for j in range(D_SAE):
             top = torch.sort(hidden_pre[:, j], descending=True, stable=True).indices[: counts[j]]
             reference[top, j] = True
-        assert torch.equal(out.feature_acts.detach() > 0, reference & (hidden_pre > 0))
+        assert torch.equal(dense_acts(out) > 0, reference & (hidden_pre > 0))
         given = [g + c for g, c in zip(given, counts, strict=True)]
     # Over the batches every latent got the same share, to within one token.
     assert max(given) - min(given) <= 1

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import step_input
+from helpers import dense_acts, step_input
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 
 from sae_mutual_choice import (
@@ -161,7 +161,7 @@ def test_logged_threshold_is_the_bias_corrected_estimate():
     sae = _sae("mutual_choice")
     assert isinstance(sae, MutualChoiceTrainingSAE)
     out = sae.training_forward_pass(step_input(_data(64, 0)))
-    acts = out.feature_acts.detach()
+    acts = dense_acts(out)
     # After one update the corrected estimate is that batch's smallest selected score itself.
     torch.testing.assert_close(
         torch.as_tensor(out.metrics["topk_threshold"]).float(), acts[acts > 0].min(), rtol=1e-6, atol=0

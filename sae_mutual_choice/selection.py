@@ -1,0 +1,147 @@
+"""Fast exact selection: the (token, latent) pairs each allocation rule fires, as index lists.
+
+The sparse training path (:mod:`sae_mutual_choice.sparse_step`) never builds a dense ``[B, F]``
+activation tensor; it asks these functions which pairs fire. Each returns exactly the pairs that
+the dense rule of :mod:`sae_mutual_choice.allocation` fires on the same scores (ties included),
+sorted by flat index ``token * F + latent``; the tests compare the two on tied and untied scores.
+
+- Token Choice: one per-token ``topk(k + 1)``; the extra column proves that no tie crosses the
+  boundary, else the dense rule decides that token.
+- Mutual Choice: per-row shortlists (``ceil(budget / rows)`` best of each row along the memory-
+  contiguous dimension) give a cut that is at most the true budget-th score, so the pairs at or
+  above the cut contain the selection; one global order statistic over those candidates finishes.
+  Exact by construction, with no flat top-k over all B·F scores.
+- Feature Choice: latents are grouped by capacity into power-of-two widths and each group takes
+  one ``topk`` over its latents' contiguous rows of the latent-major scores ``[F, B]``; a latent
+  whose width cannot prove its boundary falls back to the dense rule.
+"""
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from sae_mutual_choice.allocation import top_m_mask
+
+
+class Entries(NamedTuple):
+    """Selected pairs, sorted by flat index: ``rows[i]`` is the token, ``cols[i]`` the latent."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+
+    def __len__(self) -> int:  # the number of pairs
+        return int(self.rows.numel())
+
+
+def entries_from_flat(flat: torch.Tensor, n_latents: int) -> Entries:
+    """Entries from flat indices ``token * F + latent`` (any order)."""
+    flat = flat.sort().values
+    return Entries(flat.div(n_latents, rounding_mode="floor"), flat.remainder(n_latents))
+
+
+def positive_entries(scores: torch.Tensor, entries: Entries) -> Entries:
+    """The entries whose score is strictly positive (only those fire)."""
+    keep = scores[entries.rows, entries.cols] > 0
+    return Entries(entries.rows[keep], entries.cols[keep])
+
+
+def token_choice_entries(scores: torch.Tensor, k: int) -> Entries:
+    """The pairs :func:`~sae_mutual_choice.allocation.token_choice` fires on ``scores [B, F]``."""
+    n_tokens, n_latents = scores.shape
+    k = min(k, n_latents)
+    width = min(k + 1, n_latents)
+    top = scores.topk(width, dim=1, sorted=True)
+    latents = top.indices[:, :k].clone()
+    if width > k and k > 0:
+        crossing = (top.values[:, k] == top.values[:, k - 1]).nonzero().squeeze(1)
+        if crossing.numel():
+            mask = top_m_mask(scores[crossing], k, dim=1)
+            latents[crossing] = mask.nonzero()[:, 1].view(-1, k)
+    tokens = torch.arange(n_tokens, device=scores.device)[:, None]
+    flat = (tokens * n_latents + latents).reshape(-1)
+    return positive_entries(scores, entries_from_flat(flat, n_latents))
+
+
+def _latent_major(scores: torch.Tensor) -> bool:
+    """Whether ``scores [B, F]`` is stored latent by latent (a transposed ``[F, B]`` tensor)."""
+    return scores.stride(0) == 1 and scores.stride(1) != 1
+
+
+def mutual_choice_entries(scores: torch.Tensor, budget: int) -> Entries:
+    """The pairs :func:`~sae_mutual_choice.allocation.mutual_choice` fires on ``scores [B, F]``.
+
+    ``scores`` may be token-major or latent-major; rows of the memory-contiguous dimension are shortlisted.
+    """
+    n_latents = scores.shape[1]
+    empty = scores.new_zeros(0, dtype=torch.long)
+    if budget <= 0:
+        return Entries(empty, empty)
+    latent_major = _latent_major(scores)
+    rows_view = scores.t() if latent_major else scores
+    per_row = min(rows_view.shape[1], math.ceil(budget / rows_view.shape[0]))
+    shortlist = rows_view.topk(per_row, dim=1, sorted=False).values.reshape(-1)
+    # The budget-th largest shortlisted score: no more than the budget-th largest of all scores.
+    cut = float(shortlist.kthvalue(shortlist.numel() - budget + 1).values)
+    candidates = (rows_view >= cut if cut > 0 else rows_view > 0).nonzero()
+    values = rows_view[candidates[:, 0], candidates[:, 1]]
+    if latent_major:
+        candidates = candidates.flip(1)
+    flat, order = (candidates[:, 0] * n_latents + candidates[:, 1]).sort()
+    keep = top_m_mask(values[order][:, None], budget, dim=0)[:, 0]
+    return entries_from_flat(flat[keep], n_latents)
+
+
+def feature_choice_entries(scores: torch.Tensor, counts: torch.Tensor) -> Entries:
+    """The pairs :func:`~sae_mutual_choice.allocation.feature_choice` fires on ``scores [B, F]``.
+
+    ``counts [F]``: each latent's capacity (integers). Fastest when ``scores`` is latent-major
+    (``scores.t()`` contiguous): every latent's tokens are then one contiguous row.
+    """
+    n_tokens, n_latents = scores.shape
+    by_latent = scores.t()
+    counts = counts.to(scores.device, torch.long).clamp(0, n_tokens)
+    # The smallest power of two above each count: room to see past the boundary.
+    widths = (2 ** torch.log2(counts.double() + 1).ceil()).long().clamp(max=n_tokens)
+    widths = torch.where(counts == n_tokens, n_tokens, widths)
+    pieces = []
+    for width in widths[counts > 0].unique().tolist():
+        latents = ((widths == width) & (counts > 0)).nonzero().squeeze(1)
+        rows = by_latent[latents]
+        need = counts[latents]
+        top = rows.topk(width, dim=1, sorted=True)
+        # Within the shortlist, order by token so that top_m_mask's ties go to the lower token.
+        tokens, order = top.indices.sort(dim=1)
+        chosen = top_m_mask(top.values.gather(1, order), need, dim=1)
+        if width < n_tokens:
+            boundary = top.values.gather(1, (need - 1)[:, None])[:, 0]
+            unproven = (top.values[:, -1] == boundary).nonzero().squeeze(1)
+            if unproven.numel():
+                full = top_m_mask(rows[unproven], need[unproven], dim=1)
+                extra = full.nonzero()
+                pieces.append(extra[:, 1] * n_latents + latents[unproven][extra[:, 0]])
+                chosen[unproven] = False
+        picked = chosen.nonzero()
+        pieces.append(tokens[picked[:, 0], picked[:, 1]] * n_latents + latents[picked[:, 0]])
+    if not pieces:
+        empty = scores.new_zeros(0, dtype=torch.long)
+        return Entries(empty, empty)
+    return positive_entries(scores, entries_from_flat(torch.cat(pieces), n_latents))
+
+
+def fired_entries(feature_acts: torch.Tensor) -> tuple[Entries, torch.Tensor]:
+    """The fired pairs of activations ``[..., F]`` (dense or sparse COO) and their values."""
+    n_latents = feature_acts.shape[-1]
+    if feature_acts.is_sparse:
+        acts = feature_acts.detach().coalesce()
+        indices, values = acts.indices(), acts.values()
+        strides = torch.tensor(acts.shape[:-1], device=indices.device).flip(0).cumprod(0).flip(0)
+        rows = (indices[:-2] * strides[1:, None]).sum(0) + indices[-2]
+        entries = Entries(rows, indices[-1])
+    else:
+        flat_acts = feature_acts.detach().reshape(-1, n_latents)
+        where = flat_acts.nonzero()
+        entries = Entries(where[:, 0], where[:, 1])
+        values = flat_acts[entries.rows, entries.cols]
+    fired = values > 0
+    return Entries(entries.rows[fired], entries.cols[fired]), values[fired]
