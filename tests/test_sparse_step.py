@@ -1,0 +1,156 @@
+"""The sparse training step against the dense reference, and fast selection against the dense rules."""
+
+import pytest
+import torch
+from helpers import copy_parameters, dense_acts, forward_and_grads, step_input
+from sae_lens.registry import get_sae_training_class
+
+import sae_mutual_choice  # noqa: F401  (registers the architectures)
+from sae_mutual_choice.allocation import feature_choice, mutual_choice, token_choice
+from sae_mutual_choice.selection import (
+    Entries,
+    feature_choice_entries,
+    fired_entries,
+    mutual_choice_entries,
+    token_choice_entries,
+)
+
+ARCHITECTURES = ["token_choice", "mutual_choice", "feature_choice"]
+
+
+def _pairs(acts: torch.Tensor) -> Entries:
+    where = (acts > 0).nonzero()
+    return Entries(where[:, 0], where[:, 1])
+
+
+def _assert_same_entries(fast: Entries, dense: Entries) -> None:
+    assert torch.equal(fast.rows, dense.rows)
+    assert torch.equal(fast.cols, dense.cols)
+
+
+def _random_scores(generator: torch.Generator, tied: bool) -> torch.Tensor:
+    n_tokens = int(torch.randint(1, 40, (), generator=generator))
+    n_latents = int(torch.randint(1, 50, (), generator=generator))
+    if tied:  # few distinct values: ties everywhere, including at every boundary
+        return torch.randint(-3, 4, (n_tokens, n_latents), generator=generator).float()
+    return torch.randn(n_tokens, n_latents, generator=generator)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fast_selection_equals_the_dense_rules(tied):
+    generator = torch.Generator().manual_seed(int(tied))
+    for _ in range(150):
+        scores = _random_scores(generator, tied)
+        n_tokens, n_latents = scores.shape
+        k = int(torch.randint(1, n_latents + 1, (), generator=generator))
+        _assert_same_entries(token_choice_entries(scores, k), _pairs(token_choice(scores, k)))
+        budget = int(torch.randint(0, n_tokens * n_latents + 1, (), generator=generator))
+        counts = torch.randint(0, n_tokens + 1, (n_latents,), generator=generator)
+        # Token-major and latent-major storage of the same scores.
+        for stored in (scores, scores.t().contiguous().t()):
+            _assert_same_entries(mutual_choice_entries(stored, budget), _pairs(mutual_choice(scores, budget)))
+            _assert_same_entries(
+                feature_choice_entries(stored, counts), _pairs(feature_choice(scores, counts))
+            )
+
+
+def test_fallbacks_are_exercised_and_exact():
+    """Ties across every Token Choice boundary and past every Feature Choice shortlist width."""
+    scores = torch.ones(6, 40)
+    scores[:, ::3] = 2.0
+    _assert_same_entries(token_choice_entries(scores, 5), _pairs(token_choice(scores, 5)))
+    counts = torch.tensor([3] * 40)  # width 4: the 4th shortlisted score ties the boundary
+    _assert_same_entries(feature_choice_entries(scores, counts), _pairs(feature_choice(scores, counts)))
+    # Mutual Choice: one token holds every large score, so per-token shortlists cannot contain the cut.
+    skewed = torch.rand(64, 32, generator=torch.Generator().manual_seed(3))
+    skewed[5] += 10
+    _assert_same_entries(mutual_choice_entries(skewed, 64), _pairs(mutual_choice(skewed, 64)))
+    # Each token's shortlist holds ceil(64 / 64) = 1 score; token 5 wins all 32 of its latents.
+    assert int((mutual_choice_entries(skewed, 64).rows == 5).sum()) == 32
+
+
+def test_fired_entries_reads_dense_and_sparse_activations():
+    acts = torch.relu(torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0)))
+    dense_entries, dense_values = fired_entries(acts)
+    sparse_entries, sparse_values = fired_entries(acts.to_sparse())
+    _assert_same_entries(sparse_entries, dense_entries)
+    assert torch.equal(sparse_values, dense_values)
+    assert torch.equal(dense_values, acts.reshape(6, 5)[dense_entries.rows, dense_entries.cols])
+
+
+def _pair_of_saes(architecture: str, **fields):
+    sae_class, config_class = get_sae_training_class(architecture)
+    fields = {"d_in": 16, "d_sae": 48, **fields}
+    fields["k"] = 4 if architecture == "token_choice" else 4.5
+    if architecture != "token_choice":
+        fields["threshold_calibration_tokens"] = 0
+    dense = sae_class(config_class(**fields, sparse_training=False))
+    sparse = sae_class(config_class(**fields))
+    with torch.no_grad():  # biases away from 0, so that b_dec's gradient through the encoder is tested
+        dense.b_dec.normal_(0, 0.5)
+        dense.b_enc.normal_(0, 0.1)
+    copy_parameters(dense, sparse)
+    return dense, sparse
+
+
+def _batch(step: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(step)
+    x = torch.randn(40, 16, generator=generator)
+    x = x * torch.linspace(0.05, 4, 40)[:, None]  # quiet tokens get few latents, loud ones many
+    x[:3] = 0  # with b_dec subtracted and small b_enc these fire (almost) nothing
+    return x
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("aux_loss", ["aux_zipf", "aux_k", "none"])
+def test_sparse_step_equals_the_dense_step(architecture, rescale, aux_loss):
+    """Losses, every parameter gradient and the running statistics, over 3 optimiser steps."""
+    dense, sparse = _pair_of_saes(architecture, rescale_acts_by_decoder_norm=rescale, aux_loss=aux_loss)
+    close = {"rtol": 1e-4, "atol": 1e-6}
+    per_token_l0 = []
+    for step in range(3):
+        dead = torch.rand(48, generator=torch.Generator().manual_seed(50 + step)) < 0.3
+        inp = step_input(_batch(step), dead=dead, coefficients={"aux_loss": 0.7})
+        out_dense, grads_dense = forward_and_grads(dense, inp)
+        out_sparse, grads_sparse = forward_and_grads(sparse, inp)
+        assert out_sparse.feature_acts.is_sparse
+        torch.testing.assert_close(dense_acts(out_sparse), dense_acts(out_dense), **close)
+        assert out_sparse.losses.keys() == out_dense.losses.keys()
+        for name, value in out_dense.losses.items():
+            torch.testing.assert_close(out_sparse.losses[name], value, **close)
+        if aux_loss != "none":
+            assert float(out_dense.losses["auxiliary_reconstruction_loss"]) > 0
+        torch.testing.assert_close(out_sparse.loss, out_dense.loss, **close)
+        assert grads_sparse.keys() == grads_dense.keys() == {"W_enc", "b_enc", "W_dec", "b_dec"}
+        for name, grad in grads_dense.items():
+            assert (grads_sparse[name] - grad).norm() <= 1e-4 * grad.norm(), name
+        per_token_l0.append((dense_acts(out_dense) > 0).sum(-1))
+        with torch.no_grad():
+            for name, grad in grads_dense.items():
+                getattr(dense, name).sub_(0.05 * grad)
+            copy_parameters(dense, sparse)
+    for name, buffer in dense.named_buffers():
+        torch.testing.assert_close(getattr(sparse, name), buffer, **close, equal_nan=True, msg=name)
+    l0 = torch.cat(per_token_l0)
+    if architecture != "token_choice":  # the batches had tokens with no latent and tokens with many
+        assert int(l0.min()) == 0
+        assert int(l0.max()) >= 3 * 4.5
+
+
+def test_hooked_sae_trains_densely():
+    """A hook sees dense activations, so a hooked SAE takes SAELens's dense step."""
+    _, sparse = _pair_of_saes("mutual_choice")
+    seen = []
+    sparse.hook_sae_acts_post.add_hook(lambda acts, hook: seen.append(acts.shape))
+    out = sparse.training_forward_pass(step_input(_batch(0)))
+    assert not out.feature_acts.is_sparse
+    assert seen == [torch.Size([40, 48])]
+    sparse.reset_hooks()
+    assert sparse.training_forward_pass(step_input(_batch(0))).feature_acts.is_sparse
+
+
+def test_sparse_training_must_be_a_bool():
+    _, config_class = get_sae_training_class("mutual_choice")
+    with pytest.raises(ValueError, match="sparse_training must be true or false"):
+        config_class(d_in=4, d_sae=8, k=2.0, sparse_training="yes")
