@@ -3,7 +3,9 @@
 For B tokens and each (d_in, F, k): one step is ``training_forward_pass`` + backward + Adam, as SAELens's
 trainer does. Architectures are timed interleaved, repetition by repetition, after warm-up; the printed
 ratio is the median over repetitions of (step time / SAELens ``topk`` step time in the same repetition).
-"encoder" is the one unavoidable matmul, ``sae_in @ W_enc`` (2·B·d·F FLOPs), timed the same way. Peak
+"encoder" is the one unavoidable matmul, ``sae_in @ W_enc`` (2·B·d·F FLOPs), timed the same way. Our
+architectures take their default (sparse) step; the "no aux" rows switch the aux loss off to show
+what the aux loss's own pairs cost (d_in // 2 per token, as in AuxK). Peak
 memory is measured per architecture in a fresh subprocess (peak RSS after two steps minus RSS before
 building the SAE, from ``/proc/self/status``), relative to ``topk``.
 
@@ -25,10 +27,13 @@ from sae_lens.saes.sae import TrainStepInput
 
 import sae_mutual_choice  # noqa: F401  (registers the architectures)
 
-ARCHITECTURES = ["topk", "batchtopk", "token_choice", "mutual_choice", "feature_choice"]
+OURS = ["token_choice", "mutual_choice", "feature_choice"]
+ARCHITECTURES = ["topk", "batchtopk", *OURS, *(f"{name} no aux" for name in OURS)]
 
 
-def build(architecture: str, d_in: int, d_sae: int, k: int) -> Any:
+def build(variant: str, d_in: int, d_sae: int, k: int) -> Any:
+    """The training SAE of a row: an architecture name, optionally followed by " no aux"."""
+    architecture = variant.removesuffix(" no aux")
     sae_class, config_class = get_sae_training_class(architecture)
     kwargs: dict[str, Any] = {
         "d_in": d_in,
@@ -37,6 +42,8 @@ def build(architecture: str, d_in: int, d_sae: int, k: int) -> Any:
     }
     if architecture in ("mutual_choice", "feature_choice"):
         kwargs["threshold_calibration_tokens"] = 0  # steady-state step; the kept inputs cost nothing per step
+    if variant.endswith(" no aux"):
+        kwargs["aux_loss"] = "none"
     return sae_class(config_class(**kwargs))
 
 

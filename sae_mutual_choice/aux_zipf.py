@@ -57,8 +57,13 @@ def aux_selection(hidden_pre: torch.Tensor, underuse: torch.Tensor, d_in: int) -
         return None
     k_aux = d_in // 2
     scale = min(float(underuse.sum()) / k_aux, 1.0)
-    masked = torch.where(candidates[None], hidden_pre, -torch.inf)
-    latents = masked.topk(min(k_aux, n_candidates), sorted=False).indices
+    k_aux_used = min(k_aux, n_candidates)
+    if 2 * n_candidates <= hidden_pre.shape[-1]:  # few candidates: search their columns only
+        columns = candidates.nonzero().squeeze(1)
+        latents = columns[hidden_pre[:, columns].topk(k_aux_used, sorted=False).indices]
+    else:
+        masked = torch.where(candidates[None], hidden_pre, -torch.inf)
+        latents = masked.topk(k_aux_used, sorted=False).indices
     return AuxSelection(latents, underuse.to(hidden_pre.dtype)[latents], scale)
 
 

@@ -100,9 +100,10 @@ class AllocationSAEMixin:
         hook_points = self.hook_dict.values()  # type: ignore[attr-defined]
         return not any(hook._forward_hooks or hook._backward_hooks for hook in hook_points)
 
+    @torch.no_grad()
     def encoder_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw scores ``x @ W_enc + b_enc`` of processed inputs ``[B, d_in] -> [B, F]`` (no decoder norms)."""
-        return x @ self.W_enc + self.b_enc
+        """Raw scores ``x @ W_enc + b_enc`` of processed inputs ``[B, d_in] -> [B, F]`` (no decoder norms, no graph)."""
+        return (x @ self.W_enc).add_(self.b_enc)
 
     def select_entries(self, hidden_pre: torch.Tensor) -> Entries:
         """The firing pairs of a batch's scores ``[B, F]`` (the sparse step's activation function)."""

@@ -118,9 +118,10 @@ class FeatureChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, TopKTrai
         return feature_choice_entries(hidden_pre, self.batch_capacities(hidden_pre))
 
     @override
+    @torch.no_grad()
     def encoder_scores(self, x: torch.Tensor) -> torch.Tensor:
         # Latent-major storage ([F, B] transposed), so each latent's top-m reads one contiguous row.
-        return (self.W_enc.t() @ x.t() + self.b_enc[:, None]).t()
+        return (self.W_enc.t() @ x.t()).add_(self.b_enc[:, None]).t()
 
     @torch.no_grad()
     def batch_capacities(self, scores: torch.Tensor) -> torch.Tensor:
