@@ -1,5 +1,8 @@
 """The sparse training step against the dense reference, and fast selection against the dense rules."""
 
+from functools import partial
+from typing import Any
+
 import pytest
 import torch
 from helpers import copy_parameters, dense_acts, forward_and_grads, step_input
@@ -78,14 +81,14 @@ def test_fired_entries_reads_dense_and_sparse_activations():
     assert torch.equal(dense_values, acts.reshape(6, 5)[dense_entries.rows, dense_entries.cols])
 
 
-def _pair_of_saes(architecture: str, **fields):
+def _pair_of_saes(architecture: str, **fields: Any) -> tuple[Any, Any]:
     sae_class, config_class = get_sae_training_class(architecture)
     fields = {"d_in": 16, "d_sae": 48, **fields}
     fields["k"] = 4 if architecture == "token_choice" else 4.5
     if architecture != "token_choice":
         fields["threshold_calibration_tokens"] = 0
-    dense = sae_class(config_class(**fields, sparse_training=False))
-    sparse = sae_class(config_class(**fields))
+    dense: Any = sae_class(config_class(**fields, sparse_training=False))  # type: ignore[call-arg]
+    sparse: Any = sae_class(config_class(**fields))
     with torch.no_grad():  # biases away from 0, so that b_dec's gradient through the encoder is tested
         dense.b_dec.normal_(0, 0.5)
         dense.b_enc.normal_(0, 0.1)
@@ -107,7 +110,7 @@ def _batch(step: int) -> torch.Tensor:
 def test_sparse_step_equals_the_dense_step(architecture, rescale, aux_loss):
     """Losses, every parameter gradient and the running statistics, over 3 optimiser steps."""
     dense, sparse = _pair_of_saes(architecture, rescale_acts_by_decoder_norm=rescale, aux_loss=aux_loss)
-    close = {"rtol": 1e-4, "atol": 1e-6}
+    close = partial(torch.testing.assert_close, rtol=1e-4, atol=1e-6)
     per_token_l0 = []
     for step in range(3):
         dead = torch.rand(48, generator=torch.Generator().manual_seed(50 + step)) < 0.3
@@ -115,13 +118,13 @@ def test_sparse_step_equals_the_dense_step(architecture, rescale, aux_loss):
         out_dense, grads_dense = forward_and_grads(dense, inp)
         out_sparse, grads_sparse = forward_and_grads(sparse, inp)
         assert out_sparse.feature_acts.is_sparse
-        torch.testing.assert_close(dense_acts(out_sparse), dense_acts(out_dense), **close)
+        close(dense_acts(out_sparse), dense_acts(out_dense))
         assert out_sparse.losses.keys() == out_dense.losses.keys()
         for name, value in out_dense.losses.items():
-            torch.testing.assert_close(out_sparse.losses[name], value, **close)
+            close(out_sparse.losses[name], value)
         if aux_loss != "none":
             assert float(out_dense.losses["auxiliary_reconstruction_loss"]) > 0
-        torch.testing.assert_close(out_sparse.loss, out_dense.loss, **close)
+        close(out_sparse.loss, out_dense.loss)
         assert grads_sparse.keys() == grads_dense.keys() == {"W_enc", "b_enc", "W_dec", "b_dec"}
         for name, grad in grads_dense.items():
             assert (grads_sparse[name] - grad).norm() <= 1e-4 * grad.norm(), name
@@ -131,7 +134,7 @@ def test_sparse_step_equals_the_dense_step(architecture, rescale, aux_loss):
                 getattr(dense, name).sub_(0.05 * grad)
             copy_parameters(dense, sparse)
     for name, buffer in dense.named_buffers():
-        torch.testing.assert_close(getattr(sparse, name), buffer, **close, equal_nan=True, msg=name)
+        close(getattr(sparse, name), buffer, equal_nan=True, msg=name)
     l0 = torch.cat(per_token_l0)
     if architecture != "token_choice":  # the batches had tokens with no latent and tokens with many
         assert int(l0.min()) == 0
@@ -153,4 +156,4 @@ def test_hooked_sae_trains_densely():
 def test_sparse_training_must_be_a_bool():
     _, config_class = get_sae_training_class("mutual_choice")
     with pytest.raises(ValueError, match="sparse_training must be true or false"):
-        config_class(d_in=4, d_sae=8, k=2.0, sparse_training="yes")
+        config_class(d_in=4, d_sae=8, k=2.0, sparse_training="yes")  # type: ignore[call-arg]
