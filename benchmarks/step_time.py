@@ -10,6 +10,9 @@ memory is measured per architecture in a fresh subprocess (peak RSS after two st
 building the SAE, from ``/proc/self/status``), relative to ``topk``.
 
     python benchmarks/step_time.py [--quick] [--reps 5]
+    python benchmarks/step_time.py --render docs/results/step_time.json   # docs/results.md from the JSON
+
+The full run writes docs/results/step_time.json and its table into docs/results.md (section "overhead").
 """
 
 import argparse
@@ -22,10 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from results_doc import write_section
 from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import TrainStepInput
 
 import sae_mutual_choice  # noqa: F401  (registers the architectures)
+
+RESULTS_JSON = Path(__file__).parent.parent / "docs" / "results" / "step_time.json"
 
 OURS = ["token_choice", "mutual_choice", "feature_choice"]
 ARCHITECTURES = ["topk", "batchtopk", *OURS, *(f"{name} no aux" for name in OURS)]
@@ -112,7 +118,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument(
+        "--render", type=Path, default=None, help="only rewrite docs/results.md from this JSON"
+    )
     args = parser.parse_args()
+    if args.render:
+        done = json.loads(args.render.read_text())
+        write_section("overhead", section(done["rows"], done["wall_seconds"]))
+        return
+    started = time.perf_counter()
     batch, sizes = (256, [(64, 512, 8)]) if args.quick else (4096, [(768, 16384, 32), (576, 4608, 32)])
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, B = {batch}, {args.reps} repetitions"
@@ -136,16 +150,37 @@ def main() -> None:
                 }
             )
         print(f"encoder matmul alone: {timing['encoder_seconds']:.3f} s")
-    print(
-        "\n| d_in, F, k | architecture | step s | / topk step | / encoder matmul | peak MB | / topk memory |"
-    )
-    print("|---|---|---|---|---|---|---|")
+    print("\n" + table(rows))
+    print(json.dumps(rows))
+    if not args.quick:
+        wall = time.perf_counter() - started
+        RESULTS_JSON.write_text(
+            json.dumps({"rows": rows, "wall_seconds": wall, "torch": torch.__version__}, indent=1)
+        )
+        write_section("overhead", section(rows, wall))
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| d_in, F, k | architecture | step s | / topk step | / encoder matmul | peak MB | / topk memory |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        print(
+        lines.append(
             f"| {r['d_in']}, {r['d_sae']}, {r['k']} | {r['architecture']} | {r['step_seconds']:.3f} | {r['over_topk']:.2f}"
             f" | {r['over_encoder']:.2f} | {r['peak_memory_mb']:.0f} | {r['memory_over_topk']:.2f} |"
         )
-    print(json.dumps(rows))
+    return "\n".join(lines)
+
+
+def section(rows: list[dict[str, Any]], wall: float) -> str:
+    """The generated part of docs/results.md for this benchmark."""
+    return (
+        "Training step (forward, backward, Adam) at B = 4096, interleaved repetitions, median of per-repetition "
+        "ratios to SAELens `topk`'s dense step; peak memory per architecture in a fresh process. "
+        f"`python benchmarks/step_time.py`: {wall / 60:.0f} min on 2 CPU cores, torch {torch.__version__} "
+        "(analysis: docs/performance.md).\n\n" + table(rows)
+    )
 
 
 if __name__ == "__main__":

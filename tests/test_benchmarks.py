@@ -17,9 +17,11 @@ ROOT = Path(__file__).parent.parent
     [
         ("step_time.py", ["--quick", "--reps", "1"], "| d_in, F, k | architecture | step s |"),
         ("export_l0.py", ["--quick"], "| architecture | k | L0 / k: running estimate |"),
+        ("synthetic.py", ["--quick", "--out", "{tmp}/synthetic.json"], "| variant | MCC | F1 |"),
     ],
 )
-def test_benchmark_runs(script, args, header):
+def test_benchmark_runs(script, args, header, tmp_path):
+    args = [arg.format(tmp=tmp_path) for arg in args]
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), *args],
         capture_output=True,

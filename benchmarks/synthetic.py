@@ -1,0 +1,223 @@
+"""Ground truth: each architecture against SAELens's on synthetic data with known features.
+
+SAELens's ``SyntheticSAERunner`` trains every variant of ``configs/bench_synthetic.yaml`` on samples of
+one synthetic model (Zipfian firing probabilities, as in SynthSAEBench), for each seed. Every exported
+(inference) SAE is then evaluated with SAELens's ``eval_sae_on_synthetic_data`` on fresh samples: MCC of
+decoder directions to the true features, mean F1 of latents as feature detectors, explained variance,
+dead latents, L0; plus how per-sample L0 tracks the true number of active features (Pearson r).
+
+    python benchmarks/synthetic.py [--quick] [--config configs/bench_synthetic.yaml] [--out FILE.json]
+    python benchmarks/synthetic.py --render docs/results/synthetic.json   # docs/results.md from the JSON
+
+Prints one row per variant (mean ± sd over seeds), writes every run's figures as JSON and, for the full
+run, its table into docs/results.md (section "synthetic").
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from results_doc import write_section
+from sae_lens import SAE, LoggingConfig
+from sae_lens.registry import get_sae_training_class
+from sae_lens.synthetic import SyntheticModel, SyntheticModelConfig, ZipfianFiringProbabilityConfig
+from sae_lens.synthetic.evals import eval_sae_on_synthetic_data
+from sae_lens.synthetic.synthetic_sae_runner import SyntheticSAERunner, SyntheticSAERunnerConfig
+
+import sae_mutual_choice  # noqa: F401  (registers the architectures)
+
+ROOT = Path(__file__).parent.parent
+INTEGER_K = ("topk", "token_choice")
+METRICS = ["mcc", "f1", "explained_variance", "dead_latents", "l0", "l0_tracks_true_r", "samples_per_second"]
+
+
+def load_settings(path: Path, quick: bool) -> dict[str, Any]:
+    settings = yaml.safe_load(path.read_text())
+    quick_settings = settings.pop("quick", {})
+    if quick:
+        settings.update(quick_settings)
+    return settings
+
+
+def sae_config(settings: dict[str, Any], variant: dict[str, Any]) -> Any:
+    fields = dict(variant)
+    architecture = fields.pop("architecture")
+    if "matryoshka_fractions" in fields:  # level widths as shares of d_sae, so quick sizes work too
+        fields["matryoshka_widths"] = [
+            round(f * settings["d_sae"]) for f in fields.pop("matryoshka_fractions")
+        ]
+    config_class: Any = get_sae_training_class(architecture)[1]
+    k = settings["k"]
+    return config_class(
+        d_in=settings["hidden_dim"],
+        d_sae=settings["d_sae"],
+        k=int(k) if architecture in INTEGER_K else float(k),
+        **fields,
+    )
+
+
+@torch.no_grad()
+def l0_tracking(sae: Any, model: SyntheticModel, n_samples: int) -> float:
+    """Pearson r between each sample's L0 and its true number of active features (NaN if either is constant)."""
+    hidden, features = model.sample_with_features(n_samples)
+    l0 = (sae.encode(hidden) > 0).sum(-1).float()
+    true = (features > 0).sum(-1).float()
+    if float(l0.std()) == 0 or float(true.std()) == 0:
+        return float("nan")
+    return float(torch.corrcoef(torch.stack([l0, true]))[0, 1])
+
+
+def run_one(
+    settings: dict[str, Any], model: SyntheticModel, name: str, seed: int, tmp: Path
+) -> dict[str, Any]:
+    variant = settings["variants"][name]
+    out = tmp / f"{name.replace(' ', '_')}-{seed}"
+    torch.manual_seed(seed)  # SAE initialisation and the training samples
+    runner = SyntheticSAERunner(
+        SyntheticSAERunnerConfig(
+            synthetic_model=model.cfg,
+            sae=sae_config(settings, variant),
+            training_samples=settings["training_samples"],
+            batch_size=settings["batch_size"],
+            lr=settings["lr"],
+            output_path=str(out),
+            checkpoint_path=None,
+            eval_samples=0,
+            logger=LoggingConfig(log_to_wandb=False),
+        ),
+        override_synthetic_model=model,
+    )
+    start = time.perf_counter()
+    runner.run()
+    seconds = time.perf_counter() - start
+    sae = SAE.load_from_disk(out)  # the exported inference SAE, as a user would load it
+    torch.manual_seed(10_000 + seed)  # evaluation samples
+    result = eval_sae_on_synthetic_data(
+        sae,
+        model.feature_dict,
+        model.activation_generator,
+        num_samples=settings["eval_samples"],
+        batch_size=4096,
+    )
+    return {
+        "variant": name,
+        "architecture": variant["architecture"],
+        "seed": seed,
+        "mcc": result.mcc,
+        "f1": result.classification.f1_score,
+        "explained_variance": result.explained_variance,
+        "dead_latents": result.dead_latents,
+        "l0": result.sae_l0,
+        "true_l0": result.true_l0,
+        "l0_tracks_true_r": l0_tracking(sae, model, min(settings["eval_samples"], 20_000)),
+        "train_seconds": seconds,
+        "samples_per_second": settings["training_samples"] / seconds,
+    }
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sd over seeds, per variant, in the order of first appearance."""
+    summary = []
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == name]
+        entry: dict[str, Any] = {"variant": name, "seeds": len(mine)}
+        for metric in METRICS:
+            values = [float(r[metric]) for r in mine]
+            entry[metric] = statistics.fmean(values)
+            entry[f"{metric}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary.append(entry)
+    return summary
+
+
+def table(summary: list[dict[str, Any]]) -> str:
+    header = "| variant | MCC | F1 | explained var. | dead | L0 | r(L0, true L0) | samples/s |"
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        cells = [f"{s[m]:.3f} ± {s[m + '_sd']:.3f}" for m in ("mcc", "f1", "explained_variance")] + [
+            f"{s['dead_latents']:.1f} ± {s['dead_latents_sd']:.1f}",
+            f"{s['l0']:.2f} ± {s['l0_sd']:.2f}",
+            "—" if s["l0_tracks_true_r"] != s["l0_tracks_true_r"] else f"{s['l0_tracks_true_r']:.2f}",
+            f"{s['samples_per_second']:.0f}",
+        ]
+        lines.append(f"| {s['variant']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "bench_synthetic.yaml")
+    parser.add_argument("--quick", action="store_true", help="the config's small 'quick' sizes (a smoke run)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON output (default: docs/results/synthetic.json)"
+    )
+    parser.add_argument(
+        "--render", type=Path, default=None, help="only rewrite docs/results.md from this JSON"
+    )
+    args = parser.parse_args()
+    if args.render:
+        done = json.loads(args.render.read_text())
+        write_section(
+            "synthetic", section(done["settings"], done["summary"], done["rows"], done["wall_seconds"])
+        )
+        return
+    settings = load_settings(args.config, args.quick)
+    out = args.out or ROOT / "docs" / "results" / ("synthetic-quick.json" if args.quick else "synthetic.json")
+    started = time.perf_counter()
+    model = SyntheticModel(
+        SyntheticModelConfig(
+            num_features=settings["num_features"],
+            hidden_dim=settings["hidden_dim"],
+            firing_probability=ZipfianFiringProbabilityConfig(**settings["firing"]),
+            seed=settings["model_seed"],
+        )
+    )
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in settings["seeds"]:
+            for name in settings["variants"]:
+                rows.append(run_one(settings, model, name, seed, Path(tmp)))
+                print(json.dumps(rows[-1]), flush=True)
+    summary = summarise(rows)
+    wall = time.perf_counter() - started
+    print(
+        f"\ntrue mean L0 {statistics.fmean(r['true_l0'] for r in rows):.2f}; wall time {wall / 60:.1f} min\n"
+    )
+    print(table(summary))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "settings": settings,
+        "rows": rows,
+        "summary": summary,
+        "wall_seconds": wall,
+        "torch": torch.__version__,
+    }
+    out.write_text(json.dumps(payload, indent=1))
+    print(f"\nwrote {out}")
+    if not args.quick:
+        write_section("synthetic", section(settings, summary, rows, wall))
+
+
+def section(
+    settings: dict[str, Any], summary: list[dict[str, Any]], rows: list[dict[str, Any]], wall: float
+) -> str:
+    """The generated part of docs/results.md for this benchmark."""
+    true_l0 = statistics.fmean(r["true_l0"] for r in rows)
+    return (
+        f"{settings['num_features']} true features in {settings['hidden_dim']} dimensions (SAELens synthetic "
+        f"model, Zipfian firing {settings['firing']}, true mean L0 {true_l0:.2f}); SAEs of width "
+        f"{settings['d_sae']}, k = {settings['k']}, {settings['training_samples']:,} training samples in batches "
+        f"of {settings['batch_size']}, lr {settings['lr']}; seeds {settings['seeds']}; evaluated on "
+        f"{settings['eval_samples']:,} fresh samples as exported SAEs. Mean ± sd over seeds. "
+        f"`python benchmarks/synthetic.py`: {wall / 60:.0f} min on 2 CPU cores, torch {torch.__version__}.\n\n"
+        + table(summary)
+    )
+
+
+if __name__ == "__main__":
+    main()
