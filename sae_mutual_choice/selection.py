@@ -34,6 +34,12 @@ class Entries(NamedTuple):
         return int(self.rows.numel())
 
 
+def no_entries(like: torch.Tensor) -> Entries:
+    """No pairs (on ``like``'s device)."""
+    empty = like.new_zeros(0, dtype=torch.long)
+    return Entries(empty, empty)
+
+
 def entries_from_flat(flat: torch.Tensor, n_latents: int) -> Entries:
     """Entries from flat indices ``token * F + latent`` (any order)."""
     flat = flat.sort().values
@@ -74,9 +80,8 @@ def mutual_choice_entries(scores: torch.Tensor, budget: int) -> Entries:
     ``scores`` may be token-major or latent-major; rows of the memory-contiguous dimension are shortlisted.
     """
     n_latents = scores.shape[1]
-    empty = scores.new_zeros(0, dtype=torch.long)
     if budget <= 0:
-        return Entries(empty, empty)
+        return no_entries(scores)
     latent_major = _latent_major(scores)
     rows_view = scores.t() if latent_major else scores
     per_row = min(rows_view.shape[1], math.ceil(budget / rows_view.shape[0]))
@@ -124,8 +129,7 @@ def feature_choice_entries(scores: torch.Tensor, counts: torch.Tensor) -> Entrie
         picked = chosen.nonzero()
         pieces.append(tokens[picked[:, 0], picked[:, 1]] * n_latents + latents[picked[:, 0]])
     if not pieces:
-        empty = scores.new_zeros(0, dtype=torch.long)
-        return Entries(empty, empty)
+        return no_entries(scores)
     return positive_entries(scores, entries_from_flat(torch.cat(pieces), n_latents))
 
 

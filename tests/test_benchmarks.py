@@ -18,6 +18,11 @@ ROOT = Path(__file__).parent.parent
         ("step_time.py", ["--quick", "--reps", "1"], "| d_in, F, k | architecture | step s |"),
         ("export_l0.py", ["--quick"], "| architecture | k | L0 / k: running estimate |"),
         ("synthetic.py", ["--quick", "--out", "{tmp}/synthetic.json"], "| variant | MCC | F1 |"),
+        (
+            "real_activations.py",
+            ["--quick", "--out", "{tmp}/real.json"],
+            "| variant | width | k | norm. MSE |",
+        ),
     ],
 )
 def test_benchmark_runs(script, args, header, tmp_path):

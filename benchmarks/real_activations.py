@@ -1,0 +1,218 @@
+"""Real activations: every variant at several k, and one wider SAE, on the embedded model and corpus, per seed.
+
+For each seed, one ``sae-mc compare`` run (SAELens's ``MultiSAETrainingRunner``: one LLM pass feeds every
+SAE, so all of them see identical activations in identical order) trains every variant of
+``configs/bench_real.yaml`` at each ``k`` and width, then evaluates the exported SAEs on held-out
+addresses. Reported per variant, k and width, mean ± sd over seeds: normalised MSE, explained variance,
+CE loss recovered, inference L0 (exported SAE), dead latents (no firing on the held-out tokens),
+under-used latents (firing below ``underuse_ratio`` of their Zipf target, as aux_zipf defines it, with its
+defaults), and the per-token L0 spread (p90 / median).
+
+    python benchmarks/real_activations.py [--quick] [--config configs/bench_real.yaml] [--out FILE.json]
+    python benchmarks/real_activations.py --render docs/results/real_activations.json
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from results_doc import write_section
+
+from sae_mutual_choice.aux_zipf import underuse_weights
+from sae_mutual_choice.compare import CompareSpec, run_compare
+from sae_mutual_choice.config import AllocationFields
+
+ROOT = Path(__file__).parent.parent
+INTEGER_K = ("topk", "token_choice")
+METRICS = {
+    "normalized_mse": "norm. MSE",
+    "explained_variance": "explained var.",
+    "ce_loss_score": "CE loss recovered",
+    "l0_mean": "L0",
+    "dead_latents": "dead",
+    "underused_latents": "under-used",
+    "l0_spread": "L0 p90/median",
+}
+
+
+def load_settings(path: Path, quick: bool) -> dict[str, Any]:
+    settings = yaml.safe_load(path.read_text())
+    quick_settings = settings.pop("quick", {})
+    if quick:
+        for key, value in quick_settings.items():
+            section, _, name = key.rpartition(".")
+            (settings[section] if section else settings)[name] = value
+    return settings
+
+
+def sae_grid(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """name -> SAE config dict: every variant at every k (``width``), and at ``wide_k`` (``wide_width``)."""
+    shapes = [(settings["width"], k) for k in settings["ks"]] + [(settings["wide_width"], settings["wide_k"])]
+    grid = {}
+    for variant, fields in settings["variants"].items():
+        for width, k in shapes:
+            integer = fields["architecture"] in INTEGER_K
+            grid[f"{variant}-k{k}-w{width}"] = {
+                **settings["sae"],
+                **fields,
+                "d_sae": width,
+                "k": int(k) if integer else float(k),
+            }
+    return grid
+
+
+def underused(density_by_rank: list[float]) -> int:
+    """Latents under-used relative to a Zipf fit of the held-out densities (aux_zipf's definition and defaults)."""
+    defaults = AllocationFields()
+    weights, _ = underuse_weights(
+        torch.tensor(density_by_rank), defaults.zipf_fit_fraction, defaults.underuse_ratio
+    )
+    return int((weights > 0).sum())
+
+
+def run_seed(settings: dict[str, Any], seed: int, output_dir: Path) -> tuple[list[dict[str, Any]], float]:
+    spec = CompareSpec.from_dict(
+        {
+            "runner": {**settings["runner"], "seed": seed},
+            "saes": sae_grid(settings),
+            "evaluation": {**settings["evaluation"], "output_dir": str(output_dir)},
+        }
+    )
+    done = run_compare(spec)
+    rows = []
+    for name, result in done["saes"].items():
+        variant, k, width = name.rsplit("-", 2)
+        row = {"variant": variant, "k": float(k[1:]), "width": int(width[1:]), "seed": seed}
+        if "error" in result:
+            raise RuntimeError(f"{name}: {result['error']}")
+        row.update({m: result.get(m) for m in METRICS if m in result})
+        row["underused_latents"] = underused(result["density_by_rank"])
+        row["l0_spread"] = result["l0_p90"] / max(result["l0_median"], 1e-9)
+        rows.append(row)
+    return rows, done["run"].get("train_seconds", float("nan"))
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    summary = []
+    for key in dict.fromkeys((r["variant"], r["k"], r["width"]) for r in rows):
+        mine = [r for r in rows if (r["variant"], r["k"], r["width"]) == key]
+        entry: dict[str, Any] = {"variant": key[0], "k": key[1], "width": key[2], "seeds": len(mine)}
+        for metric in METRICS:
+            values = [float(r[metric]) for r in mine if r.get(metric) is not None]
+            entry[metric] = statistics.fmean(values) if values else float("nan")
+            entry[f"{metric}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary.append(entry)
+    return summary
+
+
+def table(summary: list[dict[str, Any]]) -> str:
+    lines = [
+        "| variant | width | k | " + " | ".join(METRICS.values()) + " |",
+        "|---|---|---|" + "---|" * len(METRICS),
+    ]
+    for s in sorted(summary, key=lambda s: (s["width"], s["k"])):
+        cells = [f"{s[m]:.3g} ± {s[m + '_sd']:.2g}" for m in METRICS]
+        lines.append(f"| {s['variant']} | {s['width']} | {s['k']:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plots(summary: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """Pareto (normalised MSE vs L0, one line per variant at the base width) and dead latents per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = min(s["width"] for s in summary)
+    pareto, ax = plt.subplots(figsize=(6, 4))
+    for variant in dict.fromkeys(s["variant"] for s in summary):
+        points = sorted(
+            (s["l0_mean"], s["normalized_mse"])
+            for s in summary
+            if s["variant"] == variant and s["width"] == width
+        )
+        ax.plot(*zip(*points, strict=True), marker="o", label=variant)
+    ax.set(xlabel="inference L0 (exported SAE)", ylabel="normalised MSE", title=f"width {width}")
+    ax.legend(fontsize=7)
+    dead, bx = plt.subplots(figsize=(7, 4))
+    labels = [f"{s['variant']} k{s['k']:g} w{s['width']}" for s in summary]
+    bx.bar(
+        range(len(summary)),
+        [s["dead_latents"] for s in summary],
+        yerr=[s["dead_latents_sd"] for s in summary],
+    )
+    bx.set_xticks(range(len(summary)), labels, rotation=90, fontsize=6)
+    bx.set(ylabel="dead latents (held out)")
+    paths = [out_dir / "real_pareto.png", out_dir / "real_dead.png"]
+    for figure, path in zip((pareto, dead), paths, strict=True):
+        figure.tight_layout()
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+    return paths
+
+
+def section(settings: dict[str, Any], summary: list[dict[str, Any]], wall: float) -> str:
+    runner = settings["runner"]
+    return (
+        f"{runner['model_name']} `{runner['hook_names']}`, {runner['training_tokens']:,} training tokens, lr "
+        f"{runner['lr']}, seeds {settings['seeds']}; evaluated as exported SAEs on held-out addresses. Mean ± sd "
+        f"over seeds. `python benchmarks/real_activations.py`: {wall / 60:.0f} min on 2 CPU cores.\n\n"
+        + table(summary)
+        + "\n\n![Pareto](images/real_pareto.png)\n\n![dead latents](images/real_dead.png)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "bench_real.yaml")
+    parser.add_argument("--quick", action="store_true", help="the config's 'quick' overrides (a smoke run)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON output (default: docs/results/real_activations.json)"
+    )
+    parser.add_argument(
+        "--render", type=Path, default=None, help="only rewrite docs/results.md from this JSON"
+    )
+    args = parser.parse_args()
+    if args.render:
+        done = json.loads(args.render.read_text())
+        write_section("real", section(done["settings"], done["summary"], done["wall_seconds"]))
+        return
+    settings = load_settings(args.config, args.quick)
+    out = args.out or ROOT / "docs" / "results" / (
+        "real_activations-quick.json" if args.quick else "real_activations.json"
+    )
+    started = time.perf_counter()
+    rows, train_seconds = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in settings["seeds"]:
+            seed_rows, train_seconds[seed] = run_seed(settings, seed, Path(tmp) / f"seed{seed}")
+            rows += seed_rows
+    summary = summarise(rows)
+    wall = time.perf_counter() - started
+    print(f"\nwall time {wall / 60:.1f} min; training per seed {train_seconds}\n")
+    print(table(summary))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "settings": settings,
+        "rows": rows,
+        "summary": summary,
+        "train_seconds": train_seconds,
+        "wall_seconds": wall,
+    }
+    out.write_text(json.dumps(payload, indent=1))
+    print(f"\nwrote {out}")
+    image_dir = out.parent.parent / "images" if not args.quick else out.parent
+    image_dir.mkdir(parents=True, exist_ok=True)
+    print("plots:", *plots(summary, image_dir))
+    if not args.quick:
+        write_section("real", section(settings, summary, wall))
+
+
+if __name__ == "__main__":
+    main()
