@@ -128,9 +128,9 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         mine = [r for r in rows if r["variant"] == name]
         entry: dict[str, Any] = {"variant": name, "seeds": len(mine)}
         for metric in METRICS:
-            values = [float(r[metric]) for r in mine]
-            entry[metric] = statistics.fmean(values)
-            entry[f"{metric}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            values = torch.tensor([float(r[metric]) for r in mine], dtype=torch.float64)
+            entry[metric] = float(values.mean())  # NaN if a run's figure is undefined (constant L0)
+            entry[f"{metric}_sd"] = float(values.std()) if len(values) > 1 else 0.0
         summary.append(entry)
     return summary
 
@@ -163,7 +163,8 @@ def main() -> None:
     if args.render:
         done = json.loads(args.render.read_text())
         write_section(
-            "synthetic", section(done["settings"], done["summary"], done["rows"], done["wall_seconds"])
+            "synthetic",
+            section(done["settings"], summarise(done["rows"]), done["rows"], done["wall_seconds"]),
         )
         return
     settings = load_settings(args.config, args.quick)
@@ -183,21 +184,16 @@ def main() -> None:
             for name in settings["variants"]:
                 rows.append(run_one(settings, model, name, seed, Path(tmp)))
                 print(json.dumps(rows[-1]), flush=True)
-    summary = summarise(rows)
     wall = time.perf_counter() - started
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"settings": settings, "rows": rows, "wall_seconds": wall, "torch": torch.__version__}
+    out.write_text(json.dumps(payload, indent=1))  # the runs first: nothing measured is lost below
+    summary = summarise(rows)
     print(
         f"\ntrue mean L0 {statistics.fmean(r['true_l0'] for r in rows):.2f}; wall time {wall / 60:.1f} min\n"
     )
     print(table(summary))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "settings": settings,
-        "rows": rows,
-        "summary": summary,
-        "wall_seconds": wall,
-        "torch": torch.__version__,
-    }
-    out.write_text(json.dumps(payload, indent=1))
+    out.write_text(json.dumps({**payload, "summary": summary}, indent=1))
     print(f"\nwrote {out}")
     if not args.quick:
         write_section("synthetic", section(settings, summary, rows, wall))
