@@ -2,13 +2,13 @@
 
 For each seed, one ``sae-mc compare`` run (SAELens's ``MultiSAETrainingRunner``: one LLM pass feeds every
 SAE, so all of them see identical activations in identical order) trains every variant of
-``configs/bench_real.yaml`` at each ``k`` and width, then evaluates the exported SAEs on held-out
+``configs/benchmarks/real_activations.yaml`` at each ``k`` and width, then evaluates the exported SAEs on held-out
 addresses. Reported per variant, k and width, mean ± sd over seeds: normalised MSE, explained variance,
 CE loss recovered, inference L0 (exported SAE), dead latents (no firing on the held-out tokens),
 under-used latents (firing below ``underuse_ratio`` of their Zipf target, as aux_zipf defines it, with its
 defaults), and the per-token L0 spread (p90 / median).
 
-    python benchmarks/real_activations.py [--quick] [--config configs/bench_real.yaml] [--out FILE.json]
+    python benchmarks/real_activations.py [--quick] [--config configs/benchmarks/real_activations.yaml] [--out FILE.json]
     python benchmarks/real_activations.py --render docs/results/real_activations.json
 """
 
@@ -170,7 +170,9 @@ def section(settings: dict[str, Any], summary: list[dict[str, Any]], wall: float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "bench_real.yaml")
+    parser.add_argument(
+        "--config", type=Path, default=ROOT / "configs" / "benchmarks" / "real_activations.yaml"
+    )
     parser.add_argument("--quick", action="store_true", help="the config's 'quick' overrides (a smoke run)")
     parser.add_argument(
         "--out", type=Path, default=None, help="JSON output (default: docs/results/real_activations.json)"

@@ -1,12 +1,12 @@
 """Ground truth: each architecture against SAELens's on synthetic data with known features.
 
-SAELens's ``SyntheticSAERunner`` trains every variant of ``configs/bench_synthetic.yaml`` on samples of
+SAELens's ``SyntheticSAERunner`` trains every variant of ``configs/benchmarks/synthetic.yaml`` on samples of
 one synthetic model (Zipfian firing probabilities, as in SynthSAEBench), for each seed. Every exported
 (inference) SAE is then evaluated with SAELens's ``eval_sae_on_synthetic_data`` on fresh samples: MCC of
 decoder directions to the true features, mean F1 of latents as feature detectors, explained variance,
 dead latents, L0; plus how per-sample L0 tracks the true number of active features (Pearson r).
 
-    python benchmarks/synthetic.py [--quick] [--config configs/bench_synthetic.yaml] [--out FILE.json]
+    python benchmarks/synthetic.py [--quick] [--config configs/benchmarks/synthetic.yaml] [--out FILE.json]
     python benchmarks/synthetic.py --render docs/results/synthetic.json   # docs/results.md from the JSON
 
 Prints one row per variant (mean ± sd over seeds), writes every run's figures as JSON and, for the full
@@ -151,7 +151,7 @@ def table(summary: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "bench_synthetic.yaml")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "benchmarks" / "synthetic.yaml")
     parser.add_argument("--quick", action="store_true", help="the config's small 'quick' sizes (a smoke run)")
     parser.add_argument(
         "--out", type=Path, default=None, help="JSON output (default: docs/results/synthetic.json)"

@@ -3,11 +3,14 @@
 They assert nothing about which architecture wins; the figures belong to the scripts' full runs.
 """
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from sae_mutual_choice.compare import CompareSpec
 
 ROOT = Path(__file__).parent.parent
 
@@ -37,3 +40,21 @@ def test_benchmark_runs(script, args, header, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert header in done.stdout
+
+
+def test_full_benchmark_configs_build_every_sae():
+    """The full-size benchmark configs (not only their quick variants) give valid SAE configs."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their sibling results_doc
+    synthetic = importlib.import_module("synthetic")
+    real_activations = importlib.import_module("real_activations")
+
+    settings = synthetic.load_settings(ROOT / "configs" / "benchmarks" / "synthetic.yaml", quick=False)
+    for variant in settings["variants"].values():
+        assert synthetic.sae_config(settings, variant).d_sae == settings["d_sae"]
+    settings = real_activations.load_settings(
+        ROOT / "configs" / "benchmarks" / "real_activations.yaml", quick=False
+    )
+    grid = real_activations.sae_grid(settings)
+    assert len(grid) == len(settings["variants"]) * (len(settings["ks"]) + 1)
+    spec = CompareSpec.from_dict({"runner": {**settings["runner"], "seed": 0}, "saes": grid})
+    assert set(spec.multi_runner_config(log_to_wandb=False).saes) == set(grid)
