@@ -12,7 +12,6 @@ defaults), and the per-token L0 spread (p90 / median).
     python benchmarks/real_activations.py --render docs/results/real_activations.json
 """
 
-import argparse
 import json
 import statistics
 import tempfile
@@ -21,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from results_doc import write_section
+from bench_common import load_settings, parse_arguments, write_section
 
 from sae_mutual_choice.aux_zipf import underuse_weights
 from sae_mutual_choice.compare import CompareSpec, run_compare
@@ -39,16 +37,6 @@ METRICS = {
     "underused_latents": "under-used",
     "l0_spread": "L0 p90/median",
 }
-
-
-def load_settings(path: Path, quick: bool) -> dict[str, Any]:
-    settings = yaml.safe_load(path.read_text())
-    quick_settings = settings.pop("quick", {})
-    if quick:
-        for key, value in quick_settings.items():
-            section, _, name = key.rpartition(".")
-            (settings[section] if section else settings)[name] = value
-    return settings
 
 
 def sae_grid(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -169,26 +157,13 @@ def section(settings: dict[str, Any], summary: list[dict[str, Any]], wall: float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument(
-        "--config", type=Path, default=ROOT / "configs" / "benchmarks" / "real_activations.yaml"
-    )
-    parser.add_argument("--quick", action="store_true", help="the config's 'quick' overrides (a smoke run)")
-    parser.add_argument(
-        "--out", type=Path, default=None, help="JSON output (default: docs/results/real_activations.json)"
-    )
-    parser.add_argument(
-        "--render", type=Path, default=None, help="only rewrite docs/results.md from this JSON"
-    )
-    args = parser.parse_args()
+    args = parse_arguments((__doc__ or "").splitlines()[0], "real_activations")
     if args.render:
         done = json.loads(args.render.read_text())
         write_section("real", section(done["settings"], done["summary"], done["wall_seconds"]))
         return
     settings = load_settings(args.config, args.quick)
-    out = args.out or ROOT / "docs" / "results" / (
-        "real_activations-quick.json" if args.quick else "real_activations.json"
-    )
+    out = args.out
     started = time.perf_counter()
     rows, train_seconds = [], {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from results_doc import write_section
+from bench_common import write_section
 from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import TrainStepInput
 

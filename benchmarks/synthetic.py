@@ -13,7 +13,6 @@ Prints one row per variant (mean ± sd over seeds), writes every run's figures a
 run, its table into docs/results.md (section "synthetic").
 """
 
-import argparse
 import json
 import statistics
 import tempfile
@@ -22,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from results_doc import write_section
+from bench_common import load_settings, parse_arguments, write_section
 from sae_lens import SAE, LoggingConfig
 from sae_lens.registry import get_sae_training_class
 from sae_lens.synthetic import SyntheticModel, SyntheticModelConfig, ZipfianFiringProbabilityConfig
@@ -35,14 +33,6 @@ import sae_mutual_choice  # noqa: F401  (registers the architectures)
 ROOT = Path(__file__).parent.parent
 INTEGER_K = ("topk", "token_choice")
 METRICS = ["mcc", "f1", "explained_variance", "dead_latents", "l0", "l0_tracks_true_r", "samples_per_second"]
-
-
-def load_settings(path: Path, quick: bool) -> dict[str, Any]:
-    settings = yaml.safe_load(path.read_text())
-    quick_settings = settings.pop("quick", {})
-    if quick:
-        settings.update(quick_settings)
-    return settings
 
 
 def sae_config(settings: dict[str, Any], variant: dict[str, Any]) -> Any:
@@ -150,16 +140,7 @@ def table(summary: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "benchmarks" / "synthetic.yaml")
-    parser.add_argument("--quick", action="store_true", help="the config's small 'quick' sizes (a smoke run)")
-    parser.add_argument(
-        "--out", type=Path, default=None, help="JSON output (default: docs/results/synthetic.json)"
-    )
-    parser.add_argument(
-        "--render", type=Path, default=None, help="only rewrite docs/results.md from this JSON"
-    )
-    args = parser.parse_args()
+    args = parse_arguments((__doc__ or "").splitlines()[0], "synthetic")
     if args.render:
         done = json.loads(args.render.read_text())
         write_section(
@@ -168,7 +149,7 @@ def main() -> None:
         )
         return
     settings = load_settings(args.config, args.quick)
-    out = args.out or ROOT / "docs" / "results" / ("synthetic-quick.json" if args.quick else "synthetic.json")
+    out = args.out
     started = time.perf_counter()
     model = SyntheticModel(
         SyntheticModelConfig(

@@ -44,7 +44,7 @@ def test_benchmark_runs(script, args, header, tmp_path):
 
 def test_full_benchmark_configs_build_every_sae():
     """The full-size benchmark configs (not only their quick variants) give valid SAE configs."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their sibling results_doc
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their sibling bench_common
     synthetic = importlib.import_module("synthetic")
     real_activations = importlib.import_module("real_activations")
 
