@@ -16,30 +16,46 @@ RESULTS_MD = ROOT / "docs" / "results.md"
 
 def parse_arguments(description: str, name: str) -> argparse.Namespace:
     """``--config`` (default configs/benchmarks/NAME.yaml), ``--quick``, ``--out`` (default
-    docs/results/NAME[-quick].json) and ``--render FILE.json``."""
+    docs/results/CONFIG-STEM[-quick].json), ``--render FILE.json`` and ``--set KEY=VALUE`` overrides."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "benchmarks" / f"{name}.yaml")
     parser.add_argument("--quick", action="store_true", help="the config's 'quick' overrides (a smoke run)")
     parser.add_argument(
-        "--out", type=Path, default=None, help=f"JSON output (default: docs/results/{name}.json)"
+        "--out", type=Path, default=None, help="JSON output (default: docs/results/<config name>.json)"
     )
     parser.add_argument(
         "--render", type=Path, default=None, help="only rewrite docs/results.md from this JSON"
     )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one (dotted) setting, VALUE read as YAML, e.g. --set runner.training_tokens=409600",
+    )
     args = parser.parse_args()
     if args.out is None:
-        args.out = ROOT / "docs" / "results" / f"{name}{'-quick' if args.quick else ''}.json"
+        args.out = ROOT / "docs" / "results" / f"{args.config.stem}{'-quick' if args.quick else ''}.json"
     return args
 
 
-def load_settings(path: Path, quick: bool) -> dict[str, Any]:
-    """A benchmark's YAML settings; with ``quick``, its ``quick`` section's (dotted) keys override them."""
+def load_settings(path: Path, quick: bool, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A benchmark's YAML settings; with ``quick``, its ``quick`` section's (dotted) keys override them,
+    then each ``KEY=VALUE`` of ``overrides`` does."""
     settings = yaml.safe_load(path.read_text())
-    overrides = settings.pop("quick", {})
-    if quick:
-        for key, value in overrides.items():
-            section, _, field = key.rpartition(".")
-            (settings[section] if section else settings)[field] = value
+    changes = settings.pop("quick", {}) if quick else {}
+    settings.pop("quick", None)
+    for item in overrides or []:
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+        changes[key] = yaml.safe_load(value)
+    for key, value in changes.items():
+        section, _, field = key.rpartition(".")
+        if section and section not in settings:
+            raise ValueError(f"--set {key}: no section {section!r} in {path}")
+        (settings[section] if section else settings)[field] = value
     return settings
 
 

@@ -9,7 +9,10 @@ under-used latents (firing below ``underuse_ratio`` of their Zipf target, as aux
 defaults), and the per-token L0 spread (p90 / median).
 
     python benchmarks/real_activations.py [--quick] [--config configs/benchmarks/real_activations.yaml] [--out FILE.json]
-    python benchmarks/real_activations.py --render docs/results/real_activations.json
+    python benchmarks/real_activations.py --render docs/results/real_activations.json   # section and plots
+
+The JSON is rewritten after every seed, so a run cut short keeps the seeds it finished. The docs/results.md
+section and the plots are named after the config file (``real_activations``, ``real_activations_gpu``).
 """
 
 import json
@@ -27,6 +30,7 @@ from sae_mutual_choice.compare import CompareSpec, run_compare
 from sae_mutual_choice.config import AllocationFields
 
 ROOT = Path(__file__).parent.parent
+IMAGES = ROOT / "docs" / "images"
 INTEGER_K = ("topk", "token_choice")
 METRICS = {
     "normalized_mse": "norm. MSE",
@@ -65,6 +69,7 @@ def underused(density_by_rank: list[float]) -> int:
 
 
 def run_seed(settings: dict[str, Any], seed: int, output_dir: Path) -> tuple[list[dict[str, Any]], float]:
+    """One seed's rows, and its training time in seconds (all SAEs together)."""
     spec = CompareSpec.from_dict(
         {
             "runner": {**settings["runner"], "seed": seed},
@@ -110,7 +115,7 @@ def table(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plots(summary: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+def plots(summary: list[dict[str, Any]], out_dir: Path, name: str) -> list[Path]:
     """Pareto (normalised MSE vs L0, one line per variant at the base width) and dead latents per variant."""
     import matplotlib
 
@@ -137,7 +142,8 @@ def plots(summary: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     )
     bx.set_xticks(range(len(summary)), labels, rotation=90, fontsize=6)
     bx.set(ylabel="dead latents (held out)")
-    paths = [out_dir / "real_pareto.png", out_dir / "real_dead.png"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}_pareto.png", out_dir / f"{name}_dead.png"]
     for figure, path in zip((pareto, dead), paths, strict=True):
         figure.tight_layout()
         figure.savefig(path, dpi=120)
@@ -145,50 +151,62 @@ def plots(summary: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     return paths
 
 
-def section(settings: dict[str, Any], summary: list[dict[str, Any]], wall: float) -> str:
+def section(done: dict[str, Any]) -> str:
+    settings, summary, name = done["settings"], done["summary"], done["name"]
     runner = settings["runner"]
+    seeds = sorted({row["seed"] for row in done["rows"]})
+    throughput = statistics.fmean(runner["training_tokens"] / s for s in done["train_seconds"].values())
     return (
-        f"{runner['model_name']} `{runner['hook_names']}`, {runner['training_tokens']:,} training tokens, lr "
-        f"{runner['lr']}, seeds {settings['seeds']}; evaluated as exported SAEs on held-out addresses. Mean ± sd "
-        f"over seeds. `python benchmarks/real_activations.py`: {wall / 60:.0f} min on 2 CPU cores.\n\n"
+        f"{runner['model_name']} `{runner['hook_names']}`, {runner['training_tokens']:,} training tokens "
+        f"(batches of {runner['train_batch_size_tokens']:,}), lr {runner['lr']}, seeds {seeds}; "
+        f"evaluated as exported SAEs on held-out addresses. Mean ± sd over seeds. "
+        f"`python benchmarks/real_activations.py --config configs/benchmarks/{name}.yaml`: "
+        f"{done['wall_seconds'] / 60:.0f} min on {done['machine']}. Training throughput "
+        f"{throughput:,.0f} tokens/s for all {len(summary)} SAEs and the model together (one runner feeds "
+        f"them all; each architecture's own step cost is the overhead table below).\n\n"
         + table(summary)
-        + "\n\n![Pareto](images/real_pareto.png)\n\n![dead latents](images/real_dead.png)"
+        + f"\n\n![Pareto](images/{name}_pareto.png)\n\n![dead latents](images/{name}_dead.png)"
     )
+
+
+def machine(device: str) -> str:
+    """The hardware the run used, in words, for the results section."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"one {torch.cuda.get_device_name(torch.device(device))}"
+    return f"{torch.get_num_threads()} CPU threads"
 
 
 def main() -> None:
     args = parse_arguments((__doc__ or "").splitlines()[0], "real_activations")
     if args.render:
         done = json.loads(args.render.read_text())
-        write_section("real", section(done["settings"], done["summary"], done["wall_seconds"]))
+        print("plots:", *plots(done["summary"], IMAGES, done["name"]))
+        write_section(done["name"], section(done))
         return
-    settings = load_settings(args.config, args.quick)
-    out = args.out
+    settings = load_settings(args.config, args.quick, args.overrides)
+    name, out = args.config.stem, args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    rows, train_seconds = [], {}
+    done: dict[str, Any] = {
+        "name": name,
+        "machine": machine(settings["runner"]["device"]),
+        "settings": settings,
+        "rows": [],
+        "train_seconds": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for seed in settings["seeds"]:
-            seed_rows, train_seconds[seed] = run_seed(settings, seed, Path(tmp) / f"seed{seed}")
-            rows += seed_rows
-    summary = summarise(rows)
-    wall = time.perf_counter() - started
-    print(f"\nwall time {wall / 60:.1f} min; training per seed {train_seconds}\n")
-    print(table(summary))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "settings": settings,
-        "rows": rows,
-        "summary": summary,
-        "train_seconds": train_seconds,
-        "wall_seconds": wall,
-    }
-    out.write_text(json.dumps(payload, indent=1))
-    print(f"\nwrote {out}")
-    image_dir = out.parent.parent / "images" if not args.quick else out.parent
-    image_dir.mkdir(parents=True, exist_ok=True)
-    print("plots:", *plots(summary, image_dir))
+            rows, done["train_seconds"][seed] = run_seed(settings, seed, Path(tmp) / f"seed{seed}")
+            done["rows"] += rows
+            done["summary"] = summarise(done["rows"])
+            done["wall_seconds"] = time.perf_counter() - started
+            out.write_text(json.dumps(done, indent=1))
+            print(f"\nseed {seed} done at {done['wall_seconds'] / 60:.1f} min; wrote {out}")
+    print(f"\nwall time {done['wall_seconds'] / 60:.1f} min; training per seed {done['train_seconds']}\n")
+    print(table(done["summary"]))
+    print("plots:", *plots(done["summary"], out.parent if args.quick else IMAGES, name))
     if not args.quick:
-        write_section("real", section(settings, summary, wall))
+        write_section(done["name"], section(done))
 
 
 if __name__ == "__main__":

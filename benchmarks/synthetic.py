@@ -148,7 +148,7 @@ def main() -> None:
             section(done["settings"], summarise(done["rows"]), done["rows"], done["wall_seconds"]),
         )
         return
-    settings = load_settings(args.config, args.quick)
+    settings = load_settings(args.config, args.quick, args.overrides)
     out = args.out
     started = time.perf_counter()
     model = SyntheticModel(

@@ -58,3 +58,9 @@ def test_full_benchmark_configs_build_every_sae():
     assert len(grid) == len(settings["variants"]) * (len(settings["ks"]) + 1)
     spec = CompareSpec.from_dict({"runner": {**settings["runner"], "seed": 0}, "saes": grid})
     assert set(spec.multi_runner_config(log_to_wandb=False).saes) == set(grid)
+    gpu = real_activations.load_settings(
+        ROOT / "configs" / "benchmarks" / "real_activations_gpu.yaml", quick=False
+    )
+    assert gpu["variants"] == settings["variants"]  # the larger run compares the same variants
+    assert {**gpu["runner"], "device": "cpu"}.keys() == settings["runner"].keys()
+    CompareSpec.from_dict({"runner": {**gpu["runner"], "seed": 0}, "saes": real_activations.sae_grid(gpu)})
