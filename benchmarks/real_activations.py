@@ -110,7 +110,8 @@ def table(summary: list[dict[str, Any]]) -> str:
         "|---|---|---|" + "---|" * len(METRICS),
     ]
     for s in sorted(summary, key=lambda s: (s["width"], s["k"])):
-        cells = [f"{s[m]:.3g} ± {s[m + '_sd']:.2g}" for m in METRICS]
+        spread = s["seeds"] > 1  # one seed has no spread to show
+        cells = [f"{s[m]:.3g} ± {s[m + '_sd']:.2g}" if spread else f"{s[m]:.3g}" for m in METRICS]
         lines.append(f"| {s['variant']} | {s['width']} | {s['k']:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -159,11 +160,12 @@ def section(done: dict[str, Any]) -> str:
     return (
         f"{runner['model_name']} `{runner['hook_names']}`, {runner['training_tokens']:,} training tokens "
         f"(batches of {runner['train_batch_size_tokens']:,}), lr {runner['lr']}, seeds {seeds}; "
-        f"evaluated as exported SAEs on held-out addresses. Mean ± sd over seeds. "
+        f"evaluated as exported SAEs on held-out addresses"
+        f"{'; mean ± sd over seeds' if len(seeds) > 1 else ''}. "
         f"`python benchmarks/real_activations.py --config configs/benchmarks/{name}.yaml`: "
         f"{done['wall_seconds'] / 60:.0f} min on {done['machine']}. Training throughput "
         f"{throughput:,.0f} tokens/s for all {len(summary)} SAEs and the model together (one runner feeds "
-        f"them all; each architecture's own step cost is the overhead table below).\n\n"
+        f"them all; each architecture's own step cost is section 3).\n\n"
         + table(summary)
         + f"\n\n![Pareto](images/{name}_pareto.png)\n\n![dead latents](images/{name}_dead.png)"
     )

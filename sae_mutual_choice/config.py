@@ -52,7 +52,9 @@ class AllocationFields:
             encoder matmul; see :mod:`sae_mutual_choice.sparse_step`). False: SAELens's dense
             step, the reference. Both give the same losses and gradients.
         aux_loss: ``"aux_zipf"`` (latents under-used relative to a Zipf fit, dead latents
-            included), ``"aux_k"`` (dead latents only: SAELens's AuxK), or ``"none"``.
+            included), ``"aux_k"`` (dead latents only: SAELens's AuxK), or ``"none"``. The
+            default is per architecture, chosen from docs/results.md: ``aux_k`` for Token and
+            Mutual Choice, ``aux_zipf`` for Feature Choice (docs/method.md, "Defaults").
         aux_loss_warm_up_steps: steps over which the aux coefficient ramps linearly from 0
             (through SAELens's coefficient schedulers; the value is ``aux_loss_coefficient``).
         usage_window: time constant, in training steps, of the running firing-rate statistics

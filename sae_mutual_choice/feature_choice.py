@@ -7,7 +7,7 @@ estimate is a bias-corrected EMA of the smallest score each latent selected.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from sae_mutual_choice.allocation import batch_budget, feature_choice, over_tokens
 from sae_mutual_choice.base import AllocationSAEMixin
-from sae_mutual_choice.config import check_choice, check_range
+from sae_mutual_choice.config import AuxLoss, check_choice, check_range
 from sae_mutual_choice.mutual_choice import MutualChoiceTrainingSAEConfig
 from sae_mutual_choice.running import debiased, ema_update_
 from sae_mutual_choice.selection import Entries, feature_choice_entries, mutual_choice_entries
@@ -38,6 +38,7 @@ class FeatureChoiceTrainingSAEConfig(MutualChoiceTrainingSAEConfig):
             uniform capacity ``k * B / d_sae``, so no latent can be starved.
     """
 
+    aux_loss: AuxLoss = field(default="aux_zipf", kw_only=True)  # docs/method.md, "Defaults"
     capacity: Literal["uniform", "zipf"] = "zipf"
     zipf_exponent: float | None = None
     min_capacity_ratio: float = 0.1

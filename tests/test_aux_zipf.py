@@ -11,6 +11,7 @@ D_IN, D_SAE = 10, 40
 
 def _sae(**kwargs) -> MutualChoiceTrainingSAE:
     torch.manual_seed(0)
+    kwargs.setdefault("aux_loss", "aux_zipf")  # Mutual Choice's default is aux_k
     return MutualChoiceTrainingSAE(MutualChoiceTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=3.0, **kwargs))
 
 

@@ -95,11 +95,12 @@ def test_bad_feature_choice_fields(field, value, message):
         _config("feature_choice", **{field: value})
 
 
-@pytest.mark.parametrize("arch", ["token_choice", "mutual_choice"])
+@pytest.mark.parametrize("arch", list(CONFIGS))
+@pytest.mark.parametrize("aux_loss", ["aux_zipf", "aux_k"])
 @pytest.mark.parametrize("normalize", ["layer_norm", "constant_norm_rescale"])
-def test_aux_loss_refuses_run_time_normalisation(arch, normalize):
-    with pytest.raises(ValueError, match="aux_loss='aux_zipf' does not support normalize_activations"):
-        _config(arch, normalize_activations=normalize)
+def test_aux_loss_refuses_run_time_normalisation(arch, aux_loss, normalize):
+    with pytest.raises(ValueError, match=f"aux_loss='{aux_loss}' does not support normalize_activations"):
+        _config(arch, normalize_activations=normalize, aux_loss=aux_loss)
     _config(arch, normalize_activations=normalize, aux_loss="none")  # allowed without an aux loss
 
 
@@ -128,3 +129,12 @@ def test_batch_of_one_token(arch):
     sae = CONFIGS[arch][0](_config(arch, k=4.5))
     out = sae.training_forward_pass(step_input(torch.randn(1, 8)))
     assert int((dense_acts(out) > 0).sum()) <= 4
+
+
+def test_default_aux_loss_follows_the_evidence():
+    """docs/method.md "Defaults": AuxK for Token and Mutual Choice, aux_zipf for Feature Choice."""
+    assert {arch: _config(arch).aux_loss for arch in CONFIGS} == {
+        "token_choice": "aux_k",
+        "mutual_choice": "aux_k",
+        "feature_choice": "aux_zipf",
+    }
