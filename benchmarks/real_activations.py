@@ -132,7 +132,9 @@ def plots(summary: list[dict[str, Any]], out_dir: Path, name: str) -> list[Path]
             if s["variant"] == variant and s["width"] == width
         )
         ax.plot(*zip(*points, strict=True), marker="o", label=variant)
-    ax.set(xlabel="inference L0 (exported SAE)", ylabel="normalised MSE", title=f"width {width}")
+    ax.set(
+        xlabel="inference L0 (exported SAE)", ylabel="normalised MSE", title=f"width {width}", yscale="log"
+    )
     ax.legend(fontsize=7)
     dead, bx = plt.subplots(figsize=(7, 4))
     labels = [f"{s['variant']} k{s['k']:g} w{s['width']}" for s in summary]

@@ -23,7 +23,7 @@ ROOT = Path(__file__).parent.parent
         ("synthetic.py", ["--quick", "--out", "{tmp}/synthetic.json"], "| variant | MCC | F1 |"),
         (
             "real_activations.py",
-            ["--quick", "--out", "{tmp}/real.json"],
+            ["--quick", "--out", "{tmp}/real.json", "--set", "runner.training_tokens=2048"],
             "| variant | width | k | norm. MSE |",
         ),
     ],
@@ -64,3 +64,20 @@ def test_full_benchmark_configs_build_every_sae():
     assert gpu["variants"] == settings["variants"]  # the larger run compares the same variants
     assert {**gpu["runner"], "device": "cpu"}.keys() == settings["runner"].keys()
     CompareSpec.from_dict({"runner": {**gpu["runner"], "seed": 0}, "saes": real_activations.sae_grid(gpu)})
+
+
+def test_settings_overrides(tmp_path):
+    """--quick's dotted keys, then --set KEY=VALUE (read as YAML); a malformed or unknown key is refused."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    load_settings = importlib.import_module("bench_common").load_settings
+    path = tmp_path / "bench.yaml"
+    path.write_text("seeds: [0]\nrunner: {lr: 0.1, device: cpu}\nquick: {runner.lr: 0.2}\n")
+    assert load_settings(path, quick=False) == {"seeds": [0], "runner": {"lr": 0.1, "device": "cpu"}}
+    assert load_settings(path, quick=True, overrides=["seeds=[1, 2]", "runner.device=cuda"]) == {
+        "seeds": [1, 2],
+        "runner": {"lr": 0.2, "device": "cuda"},
+    }
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        load_settings(path, quick=False, overrides=["runner.lr"])
+    with pytest.raises(ValueError, match="no section 'model'"):
+        load_settings(path, quick=False, overrides=["model.name=x"])
