@@ -133,7 +133,11 @@ def plots(summary: list[dict[str, Any]], out_dir: Path, name: str) -> list[Path]
         )
         ax.plot(*zip(*points, strict=True), marker="o", label=variant)
     ax.set(
-        xlabel="inference L0 (exported SAE)", ylabel="normalised MSE", title=f"width {width}", yscale="log"
+        xlabel="inference L0 (exported SAE)",
+        ylabel="normalised MSE",
+        title=f"width {width}",
+        xscale="log",
+        yscale="log",
     )
     ax.legend(fontsize=7)
     dead, bx = plt.subplots(figsize=(7, 4))
