@@ -4,8 +4,9 @@ For B tokens and each (d_in, F, k): one step is ``training_forward_pass`` + back
 trainer does. Architectures are timed interleaved, repetition by repetition, after warm-up; the printed
 ratio is the median over repetitions of (step time / SAELens ``topk`` step time in the same repetition).
 "encoder" is the one unavoidable matmul, ``sae_in @ W_enc`` (2·B·d·F FLOPs), timed the same way. Our
-architectures take their default (sparse) step; the "no aux" rows switch the aux loss off to show
-what the aux loss's own pairs cost (d_in // 2 per token, as in AuxK). Peak
+architectures take their default (sparse) step with ``aux_loss="aux_zipf"`` (the costlier aux loss:
+it selects among every under-used latent, AuxK among the dead ones only); the "no aux" rows switch it
+off to show what the aux loss's own pairs cost (d_in // 2 per token, as in AuxK). Peak
 memory is measured per architecture in a fresh subprocess (peak RSS after two steps minus RSS before
 building the SAE, from ``/proc/self/status``), relative to ``topk``.
 
@@ -48,8 +49,8 @@ def build(variant: str, d_in: int, d_sae: int, k: int) -> Any:
     }
     if architecture in ("mutual_choice", "feature_choice"):
         kwargs["threshold_calibration_tokens"] = 0  # steady-state step; the kept inputs cost nothing per step
-    if variant.endswith(" no aux"):
-        kwargs["aux_loss"] = "none"
+    if architecture in OURS:
+        kwargs["aux_loss"] = "none" if variant.endswith(" no aux") else "aux_zipf"
     return sae_class(config_class(**kwargs))
 
 
@@ -177,7 +178,8 @@ def section(rows: list[dict[str, Any]], wall: float) -> str:
     """The generated part of docs/results.md for this benchmark."""
     return (
         "Training step (forward, backward, Adam) at B = 4096, interleaved repetitions, median of per-repetition "
-        "ratios to SAELens `topk`'s dense step; peak memory per architecture in a fresh process. "
+        'ratios to SAELens `topk`\'s dense step; ours with aux_zipf, or none ("no aux"); peak memory per '
+        "architecture in a fresh process. "
         f"`python benchmarks/step_time.py`: {wall / 60:.0f} min on 2 CPU cores, torch {torch.__version__} "
         "(analysis: docs/performance.md).\n\n" + table(rows)
     )
