@@ -44,8 +44,8 @@ def load_settings(path: Path, quick: bool, overrides: list[str] | None = None) -
     """A benchmark's YAML settings; with ``quick``, its ``quick`` section's (dotted) keys override them,
     then each ``KEY=VALUE`` of ``overrides`` does."""
     settings = yaml.safe_load(path.read_text())
-    changes = settings.pop("quick", {}) if quick else {}
-    settings.pop("quick", None)
+    quick_changes = settings.pop("quick", {})
+    changes = dict(quick_changes) if quick else {}
     for item in overrides or []:
         key, equals, value = item.partition("=")
         if not equals or not key:

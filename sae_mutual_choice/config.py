@@ -65,7 +65,7 @@ class AllocationFields:
     """
 
     sparse_training: bool = True
-    aux_loss: AuxLoss = "aux_zipf"
+    aux_loss: AuxLoss = "aux_k"  # Feature Choice overrides it: docs/method.md, "Defaults"
     aux_loss_warm_up_steps: int = 0
     usage_window: int = 1000
     zipf_fit_fraction: float = 0.5

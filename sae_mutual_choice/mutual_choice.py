@@ -6,7 +6,7 @@ estimate is a *bias-corrected* EMA of the smallest selected score of each batch.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from sae_mutual_choice.allocation import batch_budget, mutual_choice, over_tokens
 from sae_mutual_choice.base import AllocationSAEMixin
-from sae_mutual_choice.config import AllocationFields, AuxLoss, check_integer, check_range, validate_common
+from sae_mutual_choice.config import AllocationFields, check_integer, check_range, validate_common
 from sae_mutual_choice.running import debiased
 from sae_mutual_choice.selection import Entries, mutual_choice_entries
 from sae_mutual_choice.thresholds import JumpReLUExportMixin
@@ -34,7 +34,6 @@ class MutualChoiceTrainingSAEConfig(AllocationFields, BatchTopKTrainingSAEConfig
     calibrate its exported thresholds exactly (0: export the running estimate instead).
     """
 
-    aux_loss: AuxLoss = field(default="aux_k", kw_only=True)  # docs/method.md, "Defaults"
     topk_threshold_lr: float = 0.1
     threshold_calibration_tokens: int = 16384
 

@@ -1,7 +1,7 @@
 """Token Choice (TopK): every token takes its k best latents. Exported as SAELens ``topk``."""
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -12,15 +12,13 @@ from typing_extensions import override
 
 from sae_mutual_choice.allocation import over_tokens, token_choice
 from sae_mutual_choice.base import AllocationSAEMixin
-from sae_mutual_choice.config import AllocationFields, AuxLoss, validate_common
+from sae_mutual_choice.config import AllocationFields, validate_common
 from sae_mutual_choice.selection import Entries, token_choice_entries
 
 
 @dataclass
 class TokenChoiceTrainingSAEConfig(AllocationFields, TopKTrainingSAEConfig):
     """SAELens's TopK config plus our shared fields (see :class:`AllocationFields`)."""
-
-    aux_loss: AuxLoss = field(default="aux_k", kw_only=True)  # docs/method.md, "Defaults"
 
     @override
     @classmethod

@@ -62,7 +62,7 @@ def test_full_benchmark_configs_build_every_sae():
         ROOT / "configs" / "benchmarks" / "real_activations_gpu.yaml", quick=False
     )
     assert gpu["variants"] == settings["variants"]  # the larger run compares the same variants
-    assert {**gpu["runner"], "device": "cpu"}.keys() == settings["runner"].keys()
+    assert gpu["runner"].keys() == settings["runner"].keys()
     CompareSpec.from_dict({"runner": {**gpu["runner"], "seed": 0}, "saes": real_activations.sae_grid(gpu)})
 
 
