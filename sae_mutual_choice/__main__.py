@@ -1,3 +1,3 @@
-from sae_mutual_choice.cli import main
+from sae_mc import main
 
 raise SystemExit(main())

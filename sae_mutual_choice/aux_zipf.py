@@ -48,7 +48,7 @@ class AuxSelection(NamedTuple):
 def aux_selection(hidden_pre: torch.Tensor, underuse: torch.Tensor, d_in: int) -> AuxSelection | None:
     """Which latents each token's aux reconstruction uses (None when no latent is under-used).
 
-    ``hidden_pre``: ``[B, F]`` scores; ``underuse``: ``[F]`` weights in ``[0, 1]``. Each token takes
+    ``hidden_pre``: ``[..., F]`` scores; ``underuse``: ``[F]`` weights in ``[0, 1]``. Each token takes
     its ``min(d_in // 2, #candidates)`` best-scoring candidates (latents with weight > 0).
     """
     candidates = underuse > 0
@@ -60,7 +60,7 @@ def aux_selection(hidden_pre: torch.Tensor, underuse: torch.Tensor, d_in: int) -
     k_aux_used = min(k_aux, n_candidates)
     if 2 * n_candidates <= hidden_pre.shape[-1]:  # few candidates: search their columns only
         columns = candidates.nonzero().squeeze(1)
-        latents = columns[hidden_pre[:, columns].topk(k_aux_used, sorted=False).indices]
+        latents = columns[hidden_pre[..., columns].topk(k_aux_used, sorted=False).indices]
     else:
         masked = torch.where(candidates[None], hidden_pre, -torch.inf)
         latents = masked.topk(k_aux_used, sorted=False).indices

@@ -135,7 +135,9 @@ class AllocationSAEMixin:
             self.cfg.underuse_ratio,
         )
         self.step_metrics["usage_zipf_exponent"] = exponent
-        return torch.maximum(weights.float(), dead)
+        # Under-use is judged with the evidence at hand: the estimate's weight (1 - (1 - 1/usage_window)
+        # ** steps) scales the weights, so a latent that missed the first batches is not taken for dead.
+        return torch.maximum(weights.float() * self.latent_usage_weight.float(), dead)
 
     def aux_underuse(self, step_input: TrainStepInput) -> tuple[torch.Tensor, float] | None:
         """The aux loss's per-latent weights ``[F]`` and coefficient now; None when ``aux_loss`` is none."""

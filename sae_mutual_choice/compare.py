@@ -10,7 +10,8 @@ A compare config (YAML) has four sections:
   ``{release: R, sae_id: ID}`` (``SAE.from_pretrained``);
 - ``evaluation``: ``held_out_batches`` (prompt batches of held-out text for the diagnostics),
   ``eval_batches`` (for SAELens's ``run_evals``), ``batch_prompts`` (prompts per batch),
-  ``output_dir``;
+  ``held_out_dataset`` (the held-out text; default: the embedded corpus's held-out split, or the
+  runner's ``dataset_path`` for other corpora), ``output_dir``;
 - ``quick`` (optional): dotted overrides applied by ``--quick``.
 """
 
@@ -23,12 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sae_lens import SAE, LoggingConfig, TrainingSAE
+from sae_lens import SAE, LoggingConfig
 from sae_lens.multi_sae_training_runner import MultiSAETrainingRunner, MultiSAETrainingRunnerConfig
 from sae_lens.training.activations_store import ActivationsStore
 
-from sae_mutual_choice import embedded
+from sae_mutual_choice import embedded, preflight
+from sae_mutual_choice.checkpoints import load_training_checkpoint
+from sae_mutual_choice.config import check_integer
 from sae_mutual_choice.evaluate import allocation_diagnostics, held_out_activations, saelens_metrics
+from sae_mutual_choice.progress import training_progress
 from sae_mutual_choice.report import markdown_table, write_results
 from sae_mutual_choice.thresholds import calibrate_thresholds
 from sae_mutual_choice.yaml_config import check_fields, sae_config_from_dict
@@ -43,7 +47,12 @@ class Evaluation:
     held_out_batches: int = 8
     eval_batches: int = 4
     batch_prompts: int = 8
+    held_out_dataset: str | None = None
     output_dir: str = "results/compare"
+
+    def __post_init__(self) -> None:
+        for name in ("held_out_batches", "eval_batches", "batch_prompts"):
+            check_integer(f"evaluation.{name}", getattr(self, name), 1)
 
 
 @dataclass
@@ -91,8 +100,6 @@ class CompareSpec:
                 )
         evaluation = data.get("evaluation") or {}
         check_fields(evaluation, Evaluation, "evaluation.")
-        if not saes and not evaluate_only:
-            raise ValueError("nothing to do: `saes` and `evaluate_only` are both empty")
         return cls(runner, saes, evaluate_only, Evaluation(**evaluation))
 
     def setting(self, name: str) -> Any:
@@ -132,18 +139,34 @@ def load_any_model(
 
 
 def resolve_model_and_dataset(
-    model_name: str, dataset_path: str, context_size: int, device: str, split: str
+    model_name: str, dataset_path: str, context_size: int, device: str, training_tokens: int
 ) -> tuple[Any, Any]:
     """The overrides a SAELens runner needs for embedded names: (model or None, dataset or None)."""
     if model_name not in embedded.EMBEDDED_MODELS and dataset_path != embedded.SOTU:
         return None, None  # SAELens loads both by name
     model = load_any_model(model_name, context_size, device)
-    dataset = (
-        embedded.embedded_dataset(dataset_path, model, context_size, split)
-        if dataset_path == embedded.SOTU
-        else None
-    )
+    if dataset_path != embedded.SOTU:
+        return model, None
+    dataset = embedded.embedded_dataset(dataset_path, model, context_size, "train")
+    corpus_tokens = len(dataset) * context_size
+    if training_tokens > corpus_tokens:
+        _say(
+            f"the corpus holds {corpus_tokens} tokens: training reads it {training_tokens / corpus_tokens:.1f} times"
+        )
     return model, dataset
+
+
+def held_out_text(spec: "CompareSpec", model: Any) -> Any:
+    """What evaluation and calibration read: ``evaluation.held_out_dataset``, else the embedded corpus's
+    held-out split, else the runner's ``dataset_path`` (then the training corpus: said on stderr)."""
+    dataset_path = spec.evaluation.held_out_dataset or spec.setting("dataset_path")
+    if dataset_path == embedded.SOTU:
+        return embedded.embedded_dataset(dataset_path, model, spec.setting("context_size"), "held_out")
+    if spec.evaluation.held_out_dataset is None:
+        _say(
+            f"evaluating on {dataset_path}, the training corpus; evaluation.held_out_dataset names held-out text"
+        )
+    return dataset_path
 
 
 def _say(message: str) -> None:
@@ -159,13 +182,17 @@ def run_compare(spec: CompareSpec, log_to_wandb: bool = False) -> dict[str, Any]
         cfg = spec.multi_runner_config(log_to_wandb)
         start = time.perf_counter()
         model, dataset = resolve_model_and_dataset(
-            cfg.model_name, cfg.dataset_path, cfg.context_size, cfg.device, split="train"
+            cfg.model_name, cfg.dataset_path, cfg.context_size, cfg.device, cfg.training_tokens
         )
         _say(f"model and corpus ready in {time.perf_counter() - start:.0f} s")
         start = time.perf_counter()
         torch.manual_seed(cfg.seed)  # SAELens does not seed the SAEs' initialisation itself
         runner = MultiSAETrainingRunner(cfg, override_model=model, override_dataset=dataset)
-        runner.run()
+        dims = preflight.model_dims(runner.model)  # a model loaded by name: still before training
+        for name, sae in spec.saes.items():
+            preflight.check_d_in(dims, spec.hook, sae.d_in, f"saes.{name}.d_in")
+        with training_progress():
+            runner.run()
         train_seconds = time.perf_counter() - start
         _say(f"trained {len(spec.saes)} SAEs on {cfg.training_tokens} tokens in {train_seconds:.0f} s")
         model = runner.model
@@ -180,28 +207,24 @@ def run_compare(spec: CompareSpec, log_to_wandb: bool = False) -> dict[str, Any]
 
 
 def run_eval(spec: CompareSpec, paths: list[Path]) -> dict[str, Any]:
-    """Evaluate saved SAEs on the config's model, hook and held-out corpus."""
-    return evaluate_all(spec, {path.name: path for path in paths}, None, {})
+    """Evaluate saved SAEs (and the config's ``evaluate_only`` entries) on its model, hook and held-out text."""
+    return evaluate_all(spec, {**spec.evaluate_only, **{path.name: path for path in paths}}, None, {})
 
 
 def evaluate_all(
     spec: CompareSpec, entries: dict[str, Any], model: Any, meta: dict[str, Any]
 ) -> dict[str, Any]:
     hook, device, context_size = spec.hook, spec.setting("device"), spec.setting("context_size")
-    dataset_path = spec.setting("dataset_path")
     if model is None:
         model = load_any_model(
             spec.setting("model_name"), context_size, device, spec.setting("model_class_name")
         )
-    held_out = (
-        embedded.embedded_dataset(dataset_path, model, context_size, "held_out")
-        if dataset_path == embedded.SOTU
-        else dataset_path
-    )
+    held_out = held_out_text(spec, model)
     results: dict[str, dict[str, Any]] = {}
     activations = None
-    for name, entry in entries.items():
+    for index, (name, entry) in enumerate(entries.items()):
         start = time.perf_counter()
+        _say(f"evaluating {name} ({index + 1}/{len(entries)})")
         try:
             sae = _load(entry, device)
             _check_matches(sae, hook, model)
@@ -217,7 +240,7 @@ def evaluate_all(
             _say(f"evaluated {name} in {time.perf_counter() - start:.0f} s")
         except Exception as error:  # one bad entry must not stop the others
             results[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
-            print(f"[{name}] {results[name]['error']}")
+            _say(f"{name}: {results[name]['error']}")
     out_dir = Path(spec.output_dir)
     write_results(results, out_dir)
     (out_dir / "run.json").write_text(json.dumps(meta, indent=1))
@@ -229,12 +252,11 @@ def evaluate_all(
 def run_calibrate(spec: CompareSpec, checkpoint: Path, out: Path) -> Path:
     """Calibrate a training checkpoint's thresholds exactly on held-out text; save as an inference SAE."""
     context_size = spec.setting("context_size")
-    sae: Any = TrainingSAE.load_from_disk(checkpoint, device=spec.setting("device"))
+    sae = load_training_checkpoint(checkpoint, device=spec.setting("device"))
     model = load_any_model(
         spec.setting("model_name"), context_size, spec.setting("device"), spec.setting("model_class_name")
     )
-    held_out = embedded.embedded_dataset(spec.setting("dataset_path"), model, context_size, "held_out")
-    store = _held_out_store(model, sae, held_out, spec)
+    store = _held_out_store(model, sae, held_out_text(spec, model), spec)
     activations = held_out_activations(model, store, spec.hook, spec.evaluation.held_out_batches)
     calibrate_thresholds(sae, activations)
     sae.save_inference_model(out)

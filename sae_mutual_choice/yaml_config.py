@@ -20,8 +20,18 @@ SAE_DERIVED_KEYS = {"architecture", "metadata"}
 
 
 def read_yaml(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Load a YAML mapping and apply ``key.sub=value`` overrides."""
-    data = yaml.safe_load(Path(path).read_text())
+    """Load a YAML mapping and apply ``key.sub=value`` overrides; unreadable input is a ``ValueError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}: not a UTF-8 text file (a YAML config was expected): {error.reason}"
+        ) from error
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: invalid YAML: {_yaml_problem(error)}") from error
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the top level must be a mapping of config keys")
     for item in overrides or []:
@@ -34,8 +44,18 @@ def read_yaml(path: str | Path, overrides: list[str] | None = None) -> dict[str,
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"--set {key}: {part!r} is not a mapping")
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            raise ValueError(f"--set {item}: the value is not valid YAML: {_yaml_problem(error)}") from error
     return data
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line: what the YAML parser found, and where (1-based line and column)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
 
 
 def check_fields(

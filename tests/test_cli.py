@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,9 @@ import yaml
 from helpers import tiny_train_config
 from sae_lens import SAE, JumpReLUSAE
 
-from sae_mutual_choice.cli import main
+import sae_mutual_choice
+from sae_mc import main
+from sae_mutual_choice.compare import CompareSpec
 
 ROOT = Path(__file__).parent.parent
 TINY = ROOT / "tests" / "data" / "compare_tiny.yaml"
@@ -22,7 +26,7 @@ def compared(tmp_path_factory) -> Path:
     config["evaluate_only"] = {"missing": {"path": str(out / "nowhere")}}
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    assert main(["compare", str(path), "--out", str(out / "results")]) == 0
+    assert main(["compare", str(path), "--out", str(out / "results")]) == 1  # one entry failed to load
     return out / "results"
 
 
@@ -66,7 +70,7 @@ def test_eval_command_and_hook_mismatch(compared, tmp_path):
     sae.save_model(tmp_path / "other_hook")
     out = tmp_path / "eval"
     assert main(["eval", str(TINY), str(compared / "saes" / "topk"), str(tmp_path / "other_hook"),
-                 "--set", f"evaluation.output_dir={out}"]) == 0  # fmt: skip
+                 "--set", f"evaluation.output_dir={out}"]) == 1  # fmt: skip
     results = json.loads((out / "results.json").read_text())
     assert math.isfinite(results["topk"]["explained_variance"])
     assert "does not match the configured hook" in results["other_hook"]["error"]
@@ -91,7 +95,8 @@ def test_bad_config_is_a_one_line_error(tmp_path, capsys):
     path = tiny_train_config(tmp_path, "feature_choice")
     assert main(["train", str(path), "--set", "sae.capacity=zipfian"]) == 2
     expected = (
-        "sae-mc train: error: config key sae.capacity has the wrong type: expected one of ['uniform', 'zipf']"
+        f"sae-mc train: error: {path}: config key sae.capacity has the wrong type: "
+        "expected one of ['uniform', 'zipf']"
     )
     assert expected in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "missing.yaml")]) == 2
@@ -107,3 +112,116 @@ def test_compare_with_only_saes_to_evaluate(compared, tmp_path):
     assert main(["compare", str(path)]) == 0
     results = json.loads((tmp_path / "results" / "results.json").read_text())
     assert math.isfinite(results["earlier_topk"]["explained_variance"])
+
+
+def _error_line(capsys) -> str:
+    """The one error line a failed command printed (nothing else of note on stderr)."""
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training_tokens=-100", "training_tokens must be an integer >= train_batch_size_tokens=256"),
+        ("lr=-0.1", "lr must be a finite number in (0, inf]"),
+        (
+            "sae.d_in=48",
+            "sae.d_in must equal the width of blocks.0.hook_resid_post (32 in this model), got 48",
+        ),
+        ("hook_name=blocks.7.hook_resid_post", "the model has 2 blocks (blocks.0 .. blocks.1)"),
+        ("sae.k=[", "--set sae.k=[: the value is not valid YAML"),
+    ],
+)
+def test_bad_train_input_fails_before_anything_loads(override, message, tmp_path, capsys):
+    path = tiny_train_config(tmp_path, "mutual_choice")
+    assert main(["train", str(path), "--set", override]) == 2
+    line = _error_line(capsys)
+    assert line.startswith(f"sae-mc train: error: {path}: ") and message in line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_outputs_under_a_regular_file_are_refused_before_training(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    path = tiny_train_config(tmp_path, "feature_choice")
+    assert main(["train", str(path), "--set", f"output_path={blocker}/sae"]) == 2
+    assert f"output_path: cannot create {blocker}/sae, because {blocker} is a file" in _error_line(capsys)
+    assert main(["compare", str(TINY), "--out", str(blocker / "results")]) == 2
+    assert "evaluation.output_dir: cannot create" in _error_line(capsys)
+
+
+def test_compare_checks_every_sae_width(tmp_path, capsys):
+    widths = [f"saes.{name}.d_in=64" for name in ("topk", "mutual_choice", "feature_choice")]
+    assert main(["compare", str(TINY), "--out", str(tmp_path), *[f"--set={w}" for w in widths]]) == 2
+    assert "saes.topk.d_in must equal the width of blocks.0.hook_resid_post (32" in _error_line(capsys)
+
+
+def test_unreadable_config_files_are_named(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("runner: {model_name: tiny-random\nsaes: {}\n")
+    assert main(["compare", str(broken)]) == 2
+    assert f"{broken}: invalid YAML:" in _error_line(capsys)
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(bytes(range(256)))
+    assert main(["train", str(binary)]) == 2
+    assert f"{binary}: not a UTF-8 text file" in _error_line(capsys)
+    assert main(["train", str(TINY)]) == 2  # a compare config given to train
+    assert "use `sae-mc compare`" in _error_line(capsys)
+
+
+def test_eval_exit_status_and_inputs(compared, tmp_path, capsys):
+    # No saes section: the paths on the command line are the work.
+    config = yaml.safe_load(TINY.read_text())
+    del config["saes"]
+    config["evaluation"]["output_dir"] = str(tmp_path / "eval")
+    path = tmp_path / "eval_only.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["eval", str(path), str(compared / "saes" / "topk")]) == 0
+    # A directory that holds no SAE is refused before the model loads.
+    assert main(["eval", str(path), str(tmp_path)]) == 2
+    assert f"no saved SAE at {tmp_path} (no cfg.json)" in _error_line(capsys)
+    # Every SAE failing to load is a failed run.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "cfg.json").write_text("{}")
+    assert main(["eval", str(path), str(broken)]) == 1
+    assert "1 of 1 SAEs failed: ['broken']" in capsys.readouterr().err
+
+
+def test_calibrate_refuses_an_exported_sae_with_a_hint(compared, tmp_path, capsys):
+    exported = compared / "saes" / "feature_choice"
+    assert main(["calibrate", str(TINY), str(exported), str(tmp_path / "out")]) == 2
+    assert "is an exported inference SAE (jumprelu, trained as feature_choice)" in _error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_takes_wandb_as_documented():
+    from sae_mc import parser
+
+    assert parser().parse_args(["train", "x.yaml", "--wandb"]).wandb
+
+
+def test_help_loads_neither_torch_nor_saelens():
+    code = "import sys, sae_mc; sae_mc.parser(); print(sorted({'torch', 'sae_lens'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_demo_config_is_package_data():
+    from sae_mutual_choice.cli import demo_config
+
+    config = demo_config()
+    assert config.is_file() and config.parent.parent == Path(sae_mutual_choice.__file__).parent
+    assert CompareSpec.from_dict(yaml.safe_load(config.read_text()), quick=True).saes
+
+
+def test_training_shows_progress_and_hides_noise(tmp_path, capsys):
+    path = tiny_train_config(tmp_path, "mutual_choice")
+    assert main(["train", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "tok/s" in err and "training: 100%" in err  # the bar moved in tokens, to the end
+    assert f"[sae-mc] SAE saved to {(tmp_path / 'out').resolve()}" in err
+    for noise in ("To copy construct", "not be reproducible", "fewer samples"):
+        assert noise not in err

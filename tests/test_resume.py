@@ -6,6 +6,11 @@ store reshuffles its mixing buffer on restore, so the tokens *within* a batch co
 and every gradient sum rounds differently in the last bit. Measured: 3e-8 on W_dec (|W_dec| <= 0.4)
 after 11 resumed steps. The bound below is a thousand times tighter than the effect of one
 different batch, which the last assertion checks.
+
+The exported thresholds are calibrated on a sample of the inputs the run saw since it (re)started:
+checkpoints keep no activations (docs/method.md, "What a checkpoint holds"), so a resumed run's
+sample differs and its thresholds agree only as two samples of one distribution do (measured here:
+median 0.5 % apart for Mutual Choice, 1.4 % for Feature Choice).
 """
 
 from pathlib import Path
@@ -15,7 +20,7 @@ import torch
 from helpers import tiny_train_config
 from safetensors.torch import load_file
 
-from sae_mutual_choice.cli import main
+from sae_mc import main
 
 
 def _config(tmp_path: Path, name: str, architecture: str, **extra) -> Path:
@@ -34,7 +39,10 @@ def test_resumed_run_ends_with_the_same_weights(architecture, tmp_path):
     again = load_file(tmp_path / "resumed" / "out" / "sae_weights.safetensors")
     assert whole.keys() == again.keys()
     for name, value in whole.items():
-        torch.testing.assert_close(again[name], value, rtol=1e-5, atol=1e-6, msg=f"{name} after resuming")
+        if name != "threshold":
+            torch.testing.assert_close(again[name], value, rtol=1e-5, atol=1e-6, msg=f"{name} after resuming")
+    apart = (again["threshold"] - whole["threshold"]).abs() / whole["threshold"].abs().clamp(min=1e-6)
+    assert float(apart.median()) < 0.05
     # Sanity: the bound does tell runs apart (another seed initialises other weights).
     assert main(["train", str(_config(tmp_path, "other", architecture, seed=8))]) == 0
     other = load_file(tmp_path / "other" / "out" / "sae_weights.safetensors")

@@ -79,16 +79,31 @@ def test_feature_choice_calibration_gives_every_latent_its_capacity(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["mutual_choice", "feature_choice"])
-def test_export_defaults_to_exact_calibration_on_the_last_training_inputs(arch, tmp_path):
+def test_export_defaults_to_exact_calibration_on_a_sample_of_the_training_inputs(arch, tmp_path):
     sae = _sae(arch, threshold_calibration_tokens=100)
-    _train(sae, steps=4)  # 256 inputs seen; the last 100 are kept
-    kept = torch.cat([_data(64, 2)[-36:], _data(64, 3)])
-    assert int(sae.recent_inputs_filled) == 100
-    assert torch.equal(torch.sort(sae.recent_inputs, dim=0).values, torch.sort(kept, dim=0).values)
+    _train(sae, steps=4)  # 256 inputs seen; 100 of them are kept
+    seen = torch.cat([_data(64, step) for step in range(4)])
+    sample = sae.calibration_sample()
+    assert sample.shape == (100, D_IN)
+    assert torch.unique(sample, dim=0).shape[0] == 100  # distinct inputs, each one seen in training
+    assert bool((sample[:, None] == seen[None]).all(-1).any(-1).all())
     exported_default = _exported(sae, tmp_path / "default")
-    calibrate_thresholds(sae, kept)
+    calibrate_thresholds(sae, sample)
     exported_explicit = _exported(sae, tmp_path / "explicit")
     torch.testing.assert_close(exported_default.threshold, exported_explicit.threshold)
+
+
+def test_the_calibration_sample_is_uniform_over_the_whole_run():
+    """Inputs arrive in order (as from a corpus sorted by date); the sample must not be the latest ones."""
+    sae = _sae("mutual_choice", threshold_calibration_tokens=320)
+    steps = 50
+    for step in range(steps):
+        sae.remember_inputs(torch.full((64, D_IN), float(step)))
+    drawn_from = sae.calibration_sample()[:, 0]
+    assert drawn_from.shape == (320,)
+    # Uniform over 0..49: mean 24.5 with a standard error of 0.8; the latest 320 inputs would give 47.5.
+    assert abs(float(drawn_from.mean()) - (steps - 1) / 2) < 4
+    assert int((drawn_from < 10).sum()) > 20 and int((drawn_from >= 40).sum()) > 20
 
 
 @pytest.mark.parametrize("arch", ["mutual_choice", "feature_choice"])

@@ -113,7 +113,7 @@ def test_trains_with_the_language_model_runner(arch, exported_class, tiny_model,
     assert set(resumed.training_only_buffers) == set(sae.training_only_buffers)
     assert float(resumed.latent_usage_weight) > 0
 
-    kept = sae.recent_inputs[: int(sae.recent_inputs_filled)] if arch != "token_choice" else None
+    kept = sae.calibration_sample() if arch != "token_choice" else None
     with torch.no_grad():
         if kept is None:
             x = torch.randn(32, D_MODEL)
