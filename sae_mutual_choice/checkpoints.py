@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sae_lens import TrainingSAE
+from sae_lens.registry import get_sae_training_class
 
 CALIBRATABLE = ("mutual_choice", "feature_choice")
 
@@ -40,7 +40,7 @@ def check_training_checkpoint(path: Path) -> dict[str, Any]:
 def load_training_checkpoint(path: Path, device: str = "cpu") -> Any:
     """A training SAE from a checkpoint directory, parameters in ``cfg.dtype``, buffers in their stored dtypes."""
     cfg = {**json.loads((path / "cfg.json").read_text()), "device": device}
-    config_class = TrainingSAE.get_sae_config_class_for_architecture(cfg["architecture"])
-    sae = TrainingSAE.get_sae_class_for_architecture(cfg["architecture"])(config_class.from_dict(cfg))
+    sae_class, config_class = get_sae_training_class(cfg["architecture"])
+    sae = sae_class(config_class.from_dict(cfg))
     sae.load_weights_from_checkpoint(path)  # copies into the registered buffers, keeping their dtypes
     return sae

@@ -96,16 +96,29 @@ def load_smollm2(n_ctx: int, device: str = "cpu") -> Any:
     return model
 
 
-TINY_RANDOM_DIMS = {"n_layers": 2, "d_model": 32, "d_head": 8, "n_heads": 4, "d_mlp": 64}
+def tiny_random_config(n_ctx: int, device: str = "cpu") -> Any:
+    """The tiny random model's ``HookedTransformerConfig``: 2 layers, width 32, byte tokens."""
+    from transformer_lens import HookedTransformerConfig
+
+    return HookedTransformerConfig(
+        n_layers=2,
+        d_model=32,
+        n_ctx=n_ctx,
+        d_head=8,
+        n_heads=4,
+        d_mlp=64,
+        d_vocab=256,
+        act_fn="gelu",
+        device=device,
+    )
 
 
 def load_tiny_random(n_ctx: int, device: str = "cpu", seed: int = 0) -> Any:
     """A 2-layer random HookedTransformer over byte tokens (vocabulary 256), for tests."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import HookedTransformer
 
     torch.manual_seed(seed)
-    cfg = HookedTransformerConfig(**TINY_RANDOM_DIMS, n_ctx=n_ctx, d_vocab=256, act_fn="gelu", device=device)
-    return HookedTransformer(cfg)
+    return HookedTransformer(tiny_random_config(n_ctx, device))
 
 
 def smollm2_dims() -> dict[str, int]:
@@ -140,7 +153,8 @@ def model_dims(name: str) -> dict[str, int] | None:
     """An embedded model's widths (``n_layers``, ``d_model``, ``d_head``, ``n_heads``, ``d_mlp``), read
     without loading it; None for models that are not embedded."""
     if name == TINY_RANDOM:
-        return dict(TINY_RANDOM_DIMS)
+        cfg = tiny_random_config(n_ctx=1)
+        return {key: int(getattr(cfg, key)) for key in ("n_layers", "d_model", "d_head", "n_heads", "d_mlp")}
     if name == SMOLLM2:
         return smollm2_dims()
     return None
