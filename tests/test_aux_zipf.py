@@ -1,8 +1,11 @@
+import copy
+
 import pytest
 import torch
 from helpers import dense_acts, step_input
 from sae_lens.saes.sae import TrainCoefficientConfig
 
+import sae_mutual_choice
 from sae_mutual_choice import MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig, aux_zipf_loss
 from sae_mutual_choice.aux_zipf import underuse_weights
 
@@ -126,3 +129,38 @@ def test_coefficient_warms_up_through_get_coefficients():
         "auxiliary_reconstruction_loss"
         not in _sae(aux_loss="none").training_forward_pass(step_input(_batch())).losses
     )
+
+
+def test_aux_zipf_waits_for_evidence_of_underuse():
+    """After one batch the usage estimate is that batch alone: a latent that missed it is not dead yet."""
+    sae = _sae(usage_window=1000)
+    out = sae.training_forward_pass(step_input(_batch(0)))
+    missed = (dense_acts(out) > 0).sum(0) == 0
+    assert int(missed.sum()) > 0
+    weights = sae.underuse(None)
+    # The weights scale with the estimate's weight, 1 - (1 - 1/1000) ** 1 = 0.001, not 1.
+    assert float(weights.max()) <= 1e-3 + 1e-9 and float(weights[missed].min()) > 0
+    # With the evidence of a whole window, the weights are underuse_weights' own.
+    sae.latent_usage_weight.fill_(1.0)
+    expected, _ = underuse_weights(sae.latent_usage, sae.cfg.zipf_fit_fraction, sae.cfg.underuse_ratio)
+    torch.testing.assert_close(sae.underuse(None), expected.float())
+
+
+@pytest.mark.parametrize("architecture", ["token_choice", "mutual_choice", "feature_choice"])
+@pytest.mark.parametrize("aux_loss", ["aux_k", "aux_zipf"])
+def test_aux_losses_take_inputs_with_a_sequence_dimension(architecture, aux_loss):
+    """``[batch, seq, d_in]`` inputs (SAELens's BatchTopK takes them) give the flattened batch's losses."""
+    sae_class, config_class = sae_mutual_choice.ARCHITECTURES[architecture]
+    k = 3 if architecture == "token_choice" else 3.0
+    torch.manual_seed(0)
+    sae = sae_class(config_class(d_in=D_IN, d_sae=D_SAE, k=k, aux_loss=aux_loss, sparse_training=False))
+    sae.latent_usage_weight.fill_(1.0)  # aux_zipf: judge under-use from the (zero) usage at once
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[:5] = True  # few candidates: the aux selection searches their columns only
+    x = _batch(3).reshape(4, 8, D_IN)
+    flat_sae = copy.deepcopy(sae)
+    losses = sae.training_forward_pass(step_input(x, dead=dead)).losses
+    flat = flat_sae.training_forward_pass(step_input(x.reshape(32, D_IN), dead=dead)).losses
+    assert float(flat["auxiliary_reconstruction_loss"]) > 0
+    for name, value in flat.items():
+        torch.testing.assert_close(losses[name], value, msg=name)

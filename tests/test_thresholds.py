@@ -1,7 +1,8 @@
 import pytest
 import torch
 from helpers import dense_acts, step_input
-from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, TrainingSAE
+from safetensors.torch import load_file, save_file
 
 from sae_mutual_choice import (
     FeatureChoiceTrainingSAE,
@@ -12,6 +13,7 @@ from sae_mutual_choice import (
     TokenChoiceTrainingSAEConfig,
     calibrate_thresholds,
 )
+from sae_mutual_choice.checkpoints import load_training_checkpoint
 from sae_mutual_choice.thresholds import latent_scores
 
 D_IN, D_SAE = 16, 64
@@ -182,3 +184,52 @@ def test_logged_threshold_is_the_bias_corrected_estimate():
         torch.as_tensor(out.metrics["topk_threshold"]).float(), acts[acts > 0].min(), rtol=1e-6, atol=0
     )
     assert float(sae.topk_threshold) < 0.2 * float(acts[acts > 0].min())  # the raw EMA is not
+
+
+@pytest.mark.parametrize("arch", ["mutual_choice", "feature_choice"])
+def test_no_threshold_to_export_is_an_error_not_inf(arch, tmp_path):
+    sae = _sae(arch, threshold_calibration_tokens=0)
+    if arch == "mutual_choice":
+        sae.topk_threshold.fill_(0.5)  # the raw estimate alone: its weight stays 0
+    with pytest.raises(ValueError, match="no threshold to export"):
+        sae.save_inference_model(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["mutual_choice", "feature_choice"])
+def test_a_checkpoint_holds_its_thresholds_not_activations(arch, tmp_path):
+    sae = _sae(arch, threshold_calibration_tokens=100)
+    _train(sae, steps=3)
+    sae.save_model(tmp_path / "checkpoint")
+    stored = load_file(tmp_path / "checkpoint" / "sae_weights.safetensors")
+    assert not {"calibration_inputs", "calibration_keys"} & set(stored)
+    torch.testing.assert_close(stored["calibrated_thresholds"], sae.inference_thresholds().double())
+    assert sae.calibrated_thresholds.isnan().all()  # saving does not pin the live SAE
+    # Loaded without training, the checkpoint exports exactly what the run exported at that step.
+    loaded = load_training_checkpoint(tmp_path / "checkpoint")
+    assert loaded.calibration_sample().shape[0] == 0
+    torch.testing.assert_close(
+        _exported(loaded, tmp_path / "a").threshold, _exported(sae, tmp_path / "b").threshold
+    )
+    # Checkpoints written when the kept inputs were part of the state still load.
+    stored.update(
+        recent_inputs=torch.zeros(100, D_IN),
+        recent_inputs_filled=torch.tensor(5),
+        recent_inputs_next=torch.tensor(5),
+    )
+    save_file(stored, tmp_path / "checkpoint" / "sae_weights.safetensors")
+    load_training_checkpoint(tmp_path / "checkpoint")
+
+
+def test_loading_a_checkpoint_keeps_the_buffers_dtypes(tmp_path):
+    """SAELens's loader casts every stored tensor to cfg.dtype; running statistics must not go through bf16."""
+    sae = _sae("feature_choice", dtype="bfloat16")
+    _train(sae, steps=3)
+    carry = torch.linspace(-0.49, 0.49, D_SAE, dtype=torch.double) + 1e-5
+    sae.capacity_carry.copy_(carry)
+    sae.save_model(tmp_path)
+    assert not torch.equal(TrainingSAE.load_from_disk(tmp_path).capacity_carry.double(), carry)  # the defect
+    loaded = load_training_checkpoint(tmp_path)
+    assert loaded.capacity_carry.dtype == torch.double and torch.equal(loaded.capacity_carry, carry)
+    assert loaded.W_enc.dtype == torch.bfloat16
+    for name in set(loaded.training_only_buffers) - {"calibrated_thresholds"}:  # the checkpoint pins those
+        assert torch.equal(getattr(loaded, name), getattr(sae, name)), name

@@ -62,9 +62,10 @@ def test_token_choice_needs_an_integer_k():
         _config("token_choice", k=2.5)
 
 
-def test_token_choice_refuses_sparse_activations():
-    with pytest.raises(ValueError, match="use_sparse_activations must be False"):
-        _config("token_choice", use_sparse_activations=True)
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_sparse_activations_are_refused_alike(arch):
+    with pytest.raises(ValueError, match=f"use_sparse_activations must be False for {arch}"):
+        _config(arch, use_sparse_activations=True)
 
 
 @pytest.mark.parametrize("arch", ["mutual_choice", "feature_choice"])
