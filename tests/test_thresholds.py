@@ -1,3 +1,5 @@
+from typing import Any
+
 import pytest
 import torch
 from helpers import dense_acts, step_input
@@ -188,7 +190,7 @@ def test_logged_threshold_is_the_bias_corrected_estimate():
 
 @pytest.mark.parametrize("arch", ["mutual_choice", "feature_choice"])
 def test_no_threshold_to_export_is_an_error_not_inf(arch, tmp_path):
-    sae = _sae(arch, threshold_calibration_tokens=0)
+    sae: Any = _sae(arch, threshold_calibration_tokens=0)
     if arch == "mutual_choice":
         sae.topk_threshold.fill_(0.5)  # the raw estimate alone: its weight stays 0
     with pytest.raises(ValueError, match="no threshold to export"):
@@ -222,12 +224,13 @@ def test_a_checkpoint_holds_its_thresholds_not_activations(arch, tmp_path):
 
 def test_loading_a_checkpoint_keeps_the_buffers_dtypes(tmp_path):
     """SAELens's loader casts every stored tensor to cfg.dtype; running statistics must not go through bf16."""
-    sae = _sae("feature_choice", dtype="bfloat16")
+    sae: Any = _sae("feature_choice", dtype="bfloat16")
     _train(sae, steps=3)
     carry = torch.linspace(-0.49, 0.49, D_SAE, dtype=torch.double) + 1e-5
     sae.capacity_carry.copy_(carry)
     sae.save_model(tmp_path)
-    assert not torch.equal(TrainingSAE.load_from_disk(tmp_path).capacity_carry.double(), carry)  # the defect
+    saelens_loaded: Any = TrainingSAE.load_from_disk(tmp_path)
+    assert not torch.equal(saelens_loaded.capacity_carry.double(), carry)  # the defect
     loaded = load_training_checkpoint(tmp_path)
     assert loaded.capacity_carry.dtype == torch.double and torch.equal(loaded.capacity_carry, carry)
     assert loaded.W_enc.dtype == torch.bfloat16
