@@ -31,13 +31,20 @@ from sae_lens.training.activations_store import ActivationsStore
 from sae_mutual_choice import embedded, preflight
 from sae_mutual_choice.checkpoints import load_training_checkpoint
 from sae_mutual_choice.config import check_integer
-from sae_mutual_choice.evaluate import allocation_diagnostics, held_out_activations, saelens_metrics
+from sae_mutual_choice.evaluate import (
+    allocation_diagnostics,
+    at_k,
+    held_out_activations,
+    saelens_metrics,
+    trained_k,
+)
 from sae_mutual_choice.progress import training_progress
 from sae_mutual_choice.report import markdown_table, write_results
 from sae_mutual_choice.thresholds import calibrate_thresholds
 from sae_mutual_choice.yaml_config import check_fields, sae_config_from_dict
 
 SECTIONS = {"runner", "saes", "evaluate_only", "evaluation", "quick"}
+AT_K_METRICS = ("l0_mean", "explained_variance", "normalized_mse", "ce_loss_score")
 
 
 @dataclass
@@ -236,6 +243,7 @@ def evaluate_all(
                 **saelens_metrics(sae, model, store, spec.evaluation.eval_batches),
             }
             row.update(allocation_diagnostics(sae, activations))
+            row.update(_metrics_at_k(sae, row, model, activations, spec, held_out))
             results[name] = row
             _say(f"evaluated {name} in {time.perf_counter() - start:.0f} s")
         except Exception as error:  # one bad entry must not stop the others
@@ -299,6 +307,29 @@ def _held_out_store(model: Any, sae: SAE[Any], dataset: Any, spec: CompareSpec) 
         train_batch_size_tokens=spec.setting("train_batch_size_tokens"),
         device=spec.setting("device"),
     )
+
+
+def _metrics_at_k(
+    sae: SAE[Any],
+    row: dict[str, Any],
+    model: Any,
+    activations: torch.Tensor,
+    spec: CompareSpec,
+    held_out: Any,
+) -> dict[str, Any]:
+    """The ``at_k_`` columns: an adaptive SAE recalibrated to mean L0 = k on the evaluation text
+    (:func:`~sae_mutual_choice.evaluate.at_k`); a TopK SAE's own figures; none for other SAEs."""
+    k = trained_k(sae)
+    if k is None or not (hasattr(sae, "threshold") or sae.cfg.architecture() == "topk"):
+        return {}
+    if hasattr(sae, "threshold"):
+        calibrated = at_k(sae, activations, k)
+        store = _held_out_store(model, calibrated, held_out, spec)
+        row = {
+            **saelens_metrics(calibrated, model, store, spec.evaluation.eval_batches),
+            **allocation_diagnostics(calibrated, activations),
+        }
+    return {f"at_k_{key}": row[key] for key in AT_K_METRICS}
 
 
 def _architecture(sae: SAE[Any]) -> str:

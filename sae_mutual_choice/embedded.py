@@ -206,15 +206,21 @@ def token_dataset(paragraphs: list[str], tokenize: Any, context_size: int, bos: 
 
 
 def embedded_dataset(name: str, model: Any, context_size: int, split: str) -> Dataset:
-    """The embedded corpus ``name`` tokenised for ``model`` (its tokenizer, or bytes if it has none)."""
+    """The embedded corpus ``name`` tokenised for ``model`` (its tokenizer, or bytes if it has none).
+
+    Rows are shuffled (seed 0): the addresses come in date order, and the vocabulary and topics of
+    1790 and 2020 differ, so an unshuffled prefix (what a run trains or evaluates on) would be one era.
+    """
     if name != SOTU:
         raise ValueError(f"dataset_path {name!r} is not an embedded corpus; embedded: [{SOTU!r}]")
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
-        return token_dataset(sotu_paragraphs(split), lambda text: list(text.encode()), context_size, bos=None)
-    return token_dataset(
-        sotu_paragraphs(split),
-        lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
-        context_size,
-        bos=tokenizer.bos_token_id,
-    )
+        rows = token_dataset(sotu_paragraphs(split), lambda text: list(text.encode()), context_size, bos=None)
+    else:
+        rows = token_dataset(
+            sotu_paragraphs(split),
+            lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+            context_size,
+            bos=tokenizer.bos_token_id,
+        )
+    return rows.shuffle(seed=0).flatten_indices()

@@ -4,8 +4,15 @@ SAELens's ``run_evals`` gives explained variance, MSE, CE loss recovered and L0.
 diagnostics this package is about: the spread of per-token L0, dead latents (no firing on the
 held-out tokens), dense latents (firing on more than ``DENSE_DENSITY`` of them), normalised MSE,
 and the latent density-versus-rank curve with its Zipf fit.
+
+Adaptive SAEs (exported as JumpReLU: Mutual and Feature Choice, SAELens's BatchTopK) fire about k
+latents per token on the text they were calibrated on, not exactly k on other text. For equal-
+sparsity comparisons, :func:`at_k` recalibrates a copy on the evaluation text itself so that its
+mean L0 there is exactly k: one global threshold when the SAE has one, else per-latent thresholds
+keeping each latent's share of the firing. Its metrics are reported beside the plain ones.
 """
 
+import copy
 import math
 from typing import Any
 
@@ -17,7 +24,9 @@ from sae_lens.training.activations_store import ActivationsStore
 from sae_lens.util import get_special_token_ids
 from tqdm.auto import tqdm
 
-from sae_mutual_choice.zipf import fit_zipf
+from sae_mutual_choice.allocation import batch_budget
+from sae_mutual_choice.thresholds import latent_scores, thresholds_for_counts
+from sae_mutual_choice.zipf import fit_zipf, round_capacities
 
 DENSE_DENSITY = 0.1
 ZIPF_FIT_FRACTION = 0.5
@@ -104,3 +113,39 @@ def saelens_metrics(sae: SAE[Any], model: Any, store: ActivationsStore, n_batche
 def _layer_of(hook_name: str) -> int | None:
     parts = hook_name.split(".")
     return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else None
+
+
+def trained_k(sae: SAE[Any]) -> float | None:
+    """The k an SAE was trained with (its own ``k``, or its training config's in the metadata); else None."""
+    if getattr(sae.cfg, "k", None) is not None:
+        return float(sae.cfg.k)  # type: ignore[attr-defined]
+    details = sae.cfg.metadata.training_architecture_details or {}
+    return float(details["k"]) if isinstance(details, dict) and details.get("k") is not None else None
+
+
+@torch.no_grad()
+def at_k(sae: SAE[Any], activations: torch.Tensor, k: float) -> SAE[Any]:
+    """A copy of a JumpReLU ``sae`` that fires exactly ``int(k * N)`` pairs on ``activations [N, d_in]``.
+
+    With one global threshold (Mutual Choice, BatchTopK) the copy gets the global threshold with
+    that many scores above it; with per-latent thresholds (Feature Choice) each latent keeps its
+    share of the pairs the SAE fires there (largest-remainder rounding to the budget).
+    """
+    threshold: torch.Tensor = sae.threshold  # type: ignore[assignment]
+    n_tokens = activations.shape[0]
+    budget = batch_budget(k, n_tokens)
+    if bool((threshold == threshold[0]).all()):
+        counts: int | torch.Tensor = budget
+    else:
+        x = sae.process_sae_in(activations.to(sae.W_enc.device, sae.W_enc.dtype))
+        fired = torch.cat(
+            [
+                (latent_scores(sae, x, s) > threshold[s]).sum(0)
+                for s in (slice(a, a + 1024) for a in range(0, sae.cfg.d_sae, 1024))
+            ]
+        ).double()
+        shares = fired * (budget / max(float(fired.sum()), 1.0))
+        counts = round_capacities(shares, torch.zeros_like(shares), budget, n_tokens)[0]
+    calibrated = copy.deepcopy(sae)
+    calibrated.threshold.data = thresholds_for_counts(sae, activations, counts).to(threshold)
+    return calibrated

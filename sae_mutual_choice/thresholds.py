@@ -190,22 +190,34 @@ def latent_scores(sae: Any, sae_in: torch.Tensor, latents: slice) -> torch.Tenso
     restricted to ``latents``, including the decoder-norm rescaling.
     """
     scores = sae_in @ sae.W_enc[:, latents] + sae.b_enc[latents]
-    if sae.cfg.rescale_acts_by_decoder_norm:
+    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
         scores = scores * sae.W_dec[latents].norm(dim=-1)
     return scores
 
 
 @torch.no_grad()
-def exact_thresholds(
-    sae: JumpReLUExportMixin, activations: torch.Tensor, max_block_bytes: int = 1 << 28
-) -> torch.Tensor:
+def exact_thresholds(sae: JumpReLUExportMixin, activations: torch.Tensor) -> torch.Tensor:
     """Exact thresholds of ``sae`` on ``activations`` (``[..., d_in]``); never below 0. ``-> [F]`` float64."""
+    n_tokens = activations.reshape(-1, sae.cfg.d_in).shape[0]
+    return thresholds_for_counts(sae, activations, sae.calibration_counts(n_tokens))
+
+
+@torch.no_grad()
+def thresholds_for_counts(
+    sae: Any, activations: torch.Tensor, counts: int | torch.Tensor, max_block_bytes: int = 1 << 28
+) -> torch.Tensor:
+    """Thresholds under which ``sae`` fires exactly ``counts`` of its scores on ``activations``; never below 0.
+
+    ``counts``: an int (one global threshold, that many (token, latent) pairs above it) or a
+    tensor ``[F]`` (per latent, that many tokens above its threshold). ``sae`` is any SAE with
+    ``W_enc``, ``b_enc`` and ``process_sae_in`` (a training SAE here, or an exported JumpReLU SAE).
+    Scores are computed a block of latents at a time. ``-> [F]`` float64.
+    """
     x = activations.reshape(-1, sae.cfg.d_in).to(sae.W_enc.device, sae.W_enc.dtype)
-    sae_in = sae.process_sae_in(x)  # type: ignore[attr-defined]
+    sae_in = sae.process_sae_in(x)
     n_tokens, n_latents = sae_in.shape[0], sae.cfg.d_sae
     block = max(1, min(n_latents, max_block_bytes // (4 * n_tokens)))
     blocks = [slice(start, min(start + block, n_latents)) for start in range(0, n_latents, block)]
-    counts = sae.calibration_counts(n_tokens)
     if isinstance(counts, int):
         thresholds = torch.full(
             (n_latents,), _global_threshold(sae, sae_in, blocks, counts), dtype=torch.double

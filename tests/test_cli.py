@@ -225,3 +225,15 @@ def test_training_shows_progress_and_hides_noise(tmp_path, capsys):
     assert f"[sae-mc] SAE saved to {(tmp_path / 'out').resolve()}" in err
     for noise in ("To copy construct", "not be reproducible", "fewer samples"):
         assert noise not in err
+
+
+def test_adaptive_saes_are_also_reported_at_exactly_k(compared):
+    results = json.loads((compared / "results.json").read_text())
+    for name in ("mutual_choice", "feature_choice"):
+        row = results[name]
+        # Exact but for a score or two that float rounding puts on the other side of a boundary.
+        assert row["at_k_l0_mean"] == pytest.approx(4.0, rel=1e-3)
+        assert row["l0_mean"] != pytest.approx(4.0, rel=1e-3)
+        assert math.isfinite(row["at_k_explained_variance"]) and math.isfinite(row["at_k_ce_loss_score"])
+    assert results["topk"]["at_k_normalized_mse"] == results["topk"]["normalized_mse"]
+    assert "| explained var. @k |" in (compared / "results.md").read_text()
