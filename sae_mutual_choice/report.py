@@ -67,11 +67,14 @@ def _plots(results: dict[str, dict[str, Any]], out_dir: Path) -> None:
     for name, row in results.items():
         counts = np.asarray(row["l0_histogram"], dtype=float)
         ax.step(np.arange(len(counts)), counts / counts.sum(), where="mid", label=name)
-    # Clip the long tail so the bulk stays readable; the table gives the maximum.
-    ax.set_xlim(0, 2.5 * max(row["l0_p90"] for row in results.values()) + 1)
+    # The whole range the data spans; a log-like axis keeps the bulk readable beside long tails.
+    ax.set_xlim(0, max(row["l0_max"] for row in results.values()) + 1)
+    ax.set_xscale("symlog", linthresh=10)
     ax.set_yscale("log")
     ax.set(
-        xlabel="latents firing per token (L0)", ylabel="share of tokens (log)", title="Per-token L0, held-out"
+        xlabel="latents firing per token (L0; linear to 10, log above)",
+        ylabel="share of tokens (log)",
+        title="Per-token L0, held-out",
     )
     ax.legend()
     fig.tight_layout()
@@ -84,20 +87,33 @@ def _plots(results: dict[str, dict[str, Any]], out_dir: Path) -> None:
         ranks = np.arange(1, len(density) + 1)
         (line,) = ax.loglog(ranks[density > 0], density[density > 0], label=name)
         if row.get("density_zipf_log_scale") is not None:
-            fit = np.exp(row["density_zipf_log_scale"]) * ranks ** -row["density_zipf_exponent"]
-            ax.loglog(ranks, fit, "--", color=line.get_color(), alpha=0.6)
-    ax.set(
-        xlabel="latent rank", ylabel="firing density", title="Density vs rank (dashed: Zipf fit to the head)"
-    )
+            exponent = row["density_zipf_exponent"]
+            fit = np.exp(row["density_zipf_log_scale"]) * ranks**-exponent
+            shown = fit <= 1  # a density never exceeds 1
+            label = f"{name}: Zipf fit, exponent {exponent:.2f}"
+            ax.loglog(ranks[shown], fit[shown], "--", color=line.get_color(), alpha=0.6, label=label)
+    ax.set(xlabel="latent rank", ylabel="firing density", title="Density vs rank (Zipf fit to the head)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_dir / "density_rank.png", dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, row in results.items():
-        ax.scatter(row["l0_mean"], row["normalized_mse"], label=name)
-    ax.set(xlabel="L0 (held-out, per token)", ylabel="normalised MSE", title="Reconstruction vs L0")
+    markers = "osD^vPX*"
+    for index, (name, row) in enumerate(results.items()):
+        # Hollow markers of distinct shapes stay distinguishable where SAEs land on one another.
+        style = {"marker": markers[index % len(markers)], "s": 70, "linewidths": 1.5}
+        color = f"C{index % 10}"
+        ax.scatter(
+            row["l0_mean"], row["normalized_mse"], facecolors="none", edgecolors=color, label=name, **style
+        )
+        if "at_k_l0_mean" in row and row["at_k_l0_mean"] != row["l0_mean"]:
+            ax.scatter(row["at_k_l0_mean"], row["at_k_normalized_mse"], color=color, alpha=0.5, **style)
+    ax.set(
+        xlabel="L0 (held-out, per token)",
+        ylabel="normalised MSE",
+        title="Reconstruction vs L0 (filled: recalibrated to L0 = k)",
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_dir / "mse_vs_l0.png", dpi=120)
