@@ -16,6 +16,7 @@ section and the plots are named after the config file (``real_activations``, ``r
 """
 
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -40,6 +41,10 @@ METRICS = {
     "dead_latents": "dead",
     "underused_latents": "under-used",
     "l0_spread": "L0 p90/median",
+    # At equal sparsity: adaptive SAEs recalibrated to L0 = k on the held-out text (evaluate.at_k).
+    "at_k_normalized_mse": "norm. MSE @k",
+    "at_k_explained_variance": "explained var. @k",
+    "at_k_ce_loss_score": "CE loss recovered @k",
 }
 
 
@@ -104,36 +109,41 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
+def measured(summary: list[dict[str, Any]]) -> list[str]:
+    """The metrics some row has (runs recorded before the @k columns existed have none of those)."""
+    return [m for m in METRICS if any(not math.isnan(s[m]) for s in summary)]
+
+
 def table(summary: list[dict[str, Any]]) -> str:
+    metrics = measured(summary)
     lines = [
-        "| variant | width | k | " + " | ".join(METRICS.values()) + " |",
-        "|---|---|---|" + "---|" * len(METRICS),
+        "| variant | width | k | " + " | ".join(METRICS[m] for m in metrics) + " |",
+        "|---|---|---|" + "---|" * len(metrics),
     ]
     for s in sorted(summary, key=lambda s: (s["width"], s["k"])):
         spread = s["seeds"] > 1  # one seed has no spread to show
-        cells = [f"{s[m]:.3g} ± {s[m + '_sd']:.2g}" if spread else f"{s[m]:.3g}" for m in METRICS]
+        cells = [f"{s[m]:.3g} ± {s[m + '_sd']:.2g}" if spread else f"{s[m]:.3g}" for m in metrics]
         lines.append(f"| {s['variant']} | {s['width']} | {s['k']:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plots(summary: list[dict[str, Any]], out_dir: Path, name: str) -> list[Path]:
-    """Pareto (normalised MSE vs L0, one line per variant at the base width) and dead latents per variant."""
+    """Pareto (normalised MSE vs L0, one line per variant at the base width; at equal sparsity, i.e. against
+    k, where the run measured it) and dead latents per variant."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     width = min(s["width"] for s in summary)
+    at_k = "at_k_normalized_mse" in measured(summary)
+    x, y = ("k", "at_k_normalized_mse") if at_k else ("l0_mean", "normalized_mse")
     pareto, ax = plt.subplots(figsize=(6, 4))
     for variant in dict.fromkeys(s["variant"] for s in summary):
-        points = sorted(
-            (s["l0_mean"], s["normalized_mse"])
-            for s in summary
-            if s["variant"] == variant and s["width"] == width
-        )
+        points = sorted((s[x], s[y]) for s in summary if s["variant"] == variant and s["width"] == width)
         ax.plot(*zip(*points, strict=True), marker="o", label=variant)
     ax.set(
-        xlabel="inference L0 (exported SAE)",
+        xlabel="L0 = k (recalibrated on held-out text)" if at_k else "inference L0 (exported SAE)",
         ylabel="normalised MSE",
         title=f"width {width}",
         xscale="log",

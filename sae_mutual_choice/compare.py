@@ -11,7 +11,8 @@ A compare config (YAML) has four sections:
 - ``evaluation``: ``held_out_batches`` (prompt batches of held-out text for the diagnostics),
   ``eval_batches`` (for SAELens's ``run_evals``), ``batch_prompts`` (prompts per batch),
   ``held_out_dataset`` (the held-out text; default: the embedded corpus's held-out split, or the
-  runner's ``dataset_path`` for other corpora), ``output_dir``;
+  runner's ``dataset_path`` for other corpora), ``output_dir``, ``note`` (what the run is, printed
+  above its table);
 - ``quick`` (optional): dotted overrides applied by ``--quick``.
 """
 
@@ -56,6 +57,7 @@ class Evaluation:
     batch_prompts: int = 8
     held_out_dataset: str | None = None
     output_dir: str = "results/compare"
+    note: str | None = None  # what this run is, printed and written above the results table
 
     def __post_init__(self) -> None:
         for name in ("held_out_batches", "eval_batches", "batch_prompts"):
@@ -250,8 +252,10 @@ def evaluate_all(
             results[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
             _say(f"{name}: {results[name]['error']}")
     out_dir = Path(spec.output_dir)
-    write_results(results, out_dir)
+    write_results(results, out_dir, spec.evaluation.note)
     (out_dir / "run.json").write_text(json.dumps(meta, indent=1))
+    if spec.evaluation.note:
+        print(spec.evaluation.note + "\n")
     print(markdown_table(results))
     print(f"\nresults: {out_dir.resolve()}")
     return {"saes": results, "run": meta}

@@ -223,4 +223,4 @@ def embedded_dataset(name: str, model: Any, context_size: int, split: str) -> Da
             context_size,
             bos=tokenizer.bos_token_id,
         )
-    return rows.shuffle(seed=0).flatten_indices()
+    return rows.shuffle(seed=0)
