@@ -40,3 +40,15 @@ def test_smollm2_matches_transformers():
         difference = (model(tokens) - reference(tokens).logits).abs().max()
     assert model.cfg.d_model == 576 and model.cfg.n_layers == 30
     assert float(difference) < 1e-3
+
+
+def test_corpus_rows_are_shuffled_so_a_prefix_spans_all_eras():
+    """The addresses come in date order; a run reads a prefix of the rows, which must not be one era."""
+    ordered = embedded.token_dataset(
+        embedded.sotu_paragraphs("train"), lambda t: list(t.encode()), 512, bos=None
+    )
+    shuffled = embedded.embedded_dataset("sotu", None, 512, "train")
+    assert sorted(map(tuple, shuffled["input_ids"])) == sorted(map(tuple, ordered["input_ids"]))
+    position = {tuple(row): index for index, row in enumerate(ordered["input_ids"])}
+    prefix = [position[tuple(row)] / len(ordered) for row in shuffled["input_ids"][:200]]
+    assert min(prefix) < 0.1 and max(prefix) > 0.9  # the first 200 rows reach both ends of history
