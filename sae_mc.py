@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if not getattr(args, "wandb", False):
         os.environ.setdefault("WANDB_MODE", "offline")
+        # Offline, wandb's end-of-run history and summary repeat what the run prints; where it keeps the run stays.
+        os.environ.setdefault("WANDB_QUIET", "true")
     from sae_mutual_choice import cli
 
     start = time.perf_counter()

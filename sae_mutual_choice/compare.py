@@ -83,7 +83,11 @@ class CompareSpec:
     def from_dict(cls, data: dict[str, Any], quick: bool = False) -> "CompareSpec":
         unknown = set(data) - SECTIONS
         if unknown:
-            raise ValueError(f"unknown config section(s) {sorted(unknown)}; sections: {sorted(SECTIONS)}")
+            hint = " (this looks like a `sae-mc train` config)" if {"sae", "model_name"} & unknown else ""
+            raise ValueError(
+                f"unknown config section(s) {sorted(unknown)}{hint}; a compare config has the sections "
+                f"{sorted(SECTIONS)}"
+            )
         if quick:
             for key, value in (data.get("quick") or {}).items():
                 section, *path = key.split(".")

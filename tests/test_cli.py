@@ -169,6 +169,9 @@ def test_unreadable_config_files_are_named(tmp_path, capsys):
     assert f"{binary}: not a UTF-8 text file" in _error_line(capsys)
     assert main(["train", str(TINY)]) == 2  # a compare config given to train
     assert "use `sae-mc compare`" in _error_line(capsys)
+    train_config = tiny_train_config(tmp_path / "train", "feature_choice")
+    assert main(["eval", str(train_config), str(tmp_path)]) == 2  # and a train config given to eval
+    assert "(this looks like a `sae-mc train` config)" in _error_line(capsys)
 
 
 def test_eval_exit_status_and_inputs(compared, tmp_path, capsys):
