@@ -29,10 +29,13 @@ from sae_lens.synthetic.evals import eval_sae_on_synthetic_data
 from sae_lens.synthetic.synthetic_sae_runner import SyntheticSAERunner, SyntheticSAERunnerConfig
 
 import sae_mutual_choice  # noqa: F401  (registers the architectures)
+from sae_mutual_choice.evaluate import at_k
 
 ROOT = Path(__file__).parent.parent
 INTEGER_K = ("topk", "token_choice")
 METRICS = ["mcc", "f1", "explained_variance", "dead_latents", "l0", "l0_tracks_true_r", "samples_per_second"]
+# At equal sparsity: adaptive SAEs recalibrated to L0 = k on the evaluation samples (evaluate.at_k).
+AT_K_METRICS = ["mcc_at_k", "f1_at_k", "explained_variance_at_k"]
 
 
 def sae_config(settings: dict[str, Any], variant: dict[str, Any]) -> Any:
@@ -87,14 +90,25 @@ def run_one(
     runner.run()
     seconds = time.perf_counter() - start
     sae = SAE.load_from_disk(out)  # the exported inference SAE, as a user would load it
-    torch.manual_seed(10_000 + seed)  # evaluation samples
-    result = eval_sae_on_synthetic_data(
-        sae,
-        model.feature_dict,
-        model.activation_generator,
-        num_samples=settings["eval_samples"],
-        batch_size=4096,
-    )
+
+    def evaluate(evaluated: Any) -> Any:
+        torch.manual_seed(10_000 + seed)  # the same evaluation samples for both
+        return eval_sae_on_synthetic_data(
+            evaluated,
+            model.feature_dict,
+            model.activation_generator,
+            num_samples=settings["eval_samples"],
+            batch_size=4096,
+        )
+
+    result = evaluate(sae)
+    at_k_result = result
+    if hasattr(sae, "threshold"):
+        torch.manual_seed(10_000 + seed)  # the very samples evaluate() draws, batch by batch
+        n, batch = settings["eval_samples"], 4096
+        samples = [model.activation_generator.sample(min(batch, n - i)) for i in range(0, n, batch)]
+        hidden = torch.cat([model.feature_dict(features) for features in samples])
+        at_k_result = evaluate(at_k(sae, hidden, float(settings["k"])))
     return {
         "variant": name,
         "architecture": variant["architecture"],
@@ -108,6 +122,9 @@ def run_one(
         "l0_tracks_true_r": l0_tracking(sae, model, min(settings["eval_samples"], 20_000)),
         "train_seconds": seconds,
         "samples_per_second": settings["training_samples"] / seconds,
+        "mcc_at_k": at_k_result.mcc,
+        "f1_at_k": at_k_result.classification.f1_score,
+        "explained_variance_at_k": at_k_result.explained_variance,
     }
 
 
@@ -117,7 +134,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for name in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == name]
         entry: dict[str, Any] = {"variant": name, "seeds": len(mine)}
-        for metric in METRICS:
+        for metric in METRICS + [m for m in AT_K_METRICS if all(m in r for r in mine)]:
             values = torch.tensor([float(r[metric]) for r in mine], dtype=torch.float64)
             entry[metric] = float(values.mean())  # NaN if a run's figure is undefined (constant L0)
             entry[f"{metric}_sd"] = float(values.std()) if len(values) > 1 else 0.0
@@ -126,8 +143,10 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def table(summary: list[dict[str, Any]]) -> str:
+    at_k = [m for m in AT_K_METRICS if all(m in s for s in summary)]  # runs before @k have none
     header = "| variant | MCC | F1 | explained var. | dead | L0 | r(L0, true L0) | samples/s |"
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    header += "".join(f" {title} @k |" for title in ("MCC", "F1", "explained var.")[: len(at_k)])
+    lines = [header, "|---|---|---|---|---|---|---|---|" + "---|" * len(at_k)]
     for s in summary:
         cells = [f"{s[m]:.3f} ± {s[m + '_sd']:.3f}" for m in ("mcc", "f1", "explained_variance")] + [
             f"{s['dead_latents']:.1f} ± {s['dead_latents_sd']:.1f}",
@@ -135,6 +154,7 @@ def table(summary: list[dict[str, Any]]) -> str:
             "—" if s["l0_tracks_true_r"] != s["l0_tracks_true_r"] else f"{s['l0_tracks_true_r']:.2f}",
             f"{s['samples_per_second']:.0f}",
         ]
+        cells += [f"{s[m]:.3f} ± {s[m + '_sd']:.3f}" for m in at_k]
         lines.append(f"| {s['variant']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
