@@ -35,10 +35,6 @@ def demo_config() -> Path:
 def run(args: argparse.Namespace) -> int:
     """Run one parsed command; the exit status (1 when some evaluation failed)."""
     quiet_known_noise()
-    # We load models without weight processing, as SAELens does; its reminder to do so is noise here.
-    import warnings
-
-    warnings.filterwarnings("ignore", message=r"\s*This SAE has non-empty model_from_pretrained_kwargs")
     if args.command == "train":
         train(_checked(args.config, lambda: train_config(args.config, args.set, args.wandb)))
         return 0

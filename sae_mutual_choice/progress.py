@@ -27,6 +27,8 @@ NOISE = (
     (r"To copy construct from a tensor", r"sae_lens\.training\.activations_store"),
     # SAELens compares the dataset's number of sequences with the number of training tokens.
     (r"The training dataset contains fewer samples \(\d+\) than the number of samples", r"sae_lens\."),
+    # We load models without weight processing, as SAELens does; its reminder to do so says nothing new.
+    (r"\s*This SAE has non-empty model_from_pretrained_kwargs", r"sae_lens\."),
 )
 # Logged by SAELens's runners when they are given the model and corpus that our config names.
 OVERRIDE_NOTICE = re.compile(
