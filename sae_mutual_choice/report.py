@@ -60,10 +60,25 @@ def _plots(results: dict[str, dict[str, Any]], out_dir: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     if not results:
         return
+    figures = {
+        "l0_histogram.png": l0_histogram_figure(results),
+        "density_rank.png": density_rank_figure(results),
+        "mse_vs_l0.png": mse_vs_l0_figure(results),
+    }
+    for file_name, fig in figures.items():
+        fig.tight_layout()
+        fig.savefig(out_dir / file_name, dpi=120)
+        plt.close(fig)
+
+
+def l0_histogram_figure(results: dict[str, dict[str, Any]]) -> Any:
+    """Share of held-out tokens by per-token L0, one line per SAE, over the whole range of the data."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, row in results.items():
         counts = np.asarray(row["l0_histogram"], dtype=float)
@@ -78,9 +93,13 @@ def _plots(results: dict[str, dict[str, Any]], out_dir: Path) -> None:
         title="Per-token L0, held-out",
     )
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "l0_histogram.png", dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def density_rank_figure(results: dict[str, dict[str, Any]]) -> Any:
+    """Latent firing density by rank, log-log, with each SAE's Zipf fit (where it is a density, <= 1)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, row in results.items():
@@ -95,9 +114,12 @@ def _plots(results: dict[str, dict[str, Any]], out_dir: Path) -> None:
             ax.loglog(ranks[shown], fit[shown], "--", color=line.get_color(), alpha=0.6, label=label)
     ax.set(xlabel="latent rank", ylabel="firing density", title="Density vs rank (Zipf fit to the head)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "density_rank.png", dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def mse_vs_l0_figure(results: dict[str, dict[str, Any]]) -> Any:
+    """Normalised MSE against L0, one marker shape per SAE; filled: the same SAE recalibrated to L0 = k."""
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
     markers = "osD^vPX*"
@@ -116,6 +138,4 @@ def _plots(results: dict[str, dict[str, Any]], out_dir: Path) -> None:
         title="Reconstruction vs L0 (filled: recalibrated to L0 = k)",
     )
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "mse_vs_l0.png", dpi=120)
-    plt.close(fig)
+    return fig
