@@ -83,6 +83,7 @@ def train_config(path: str | Path, overrides: list[str], wandb: bool) -> Languag
         data["logger"] = {**data.get("logger", {}), "log_to_wandb": True}
     cfg = runner_config_from_dict(data)
     preflight.check_runner_settings(cfg)
+    preflight.check_sae_settings(cfg.sae, "sae.")
     for key in ("output_path", "checkpoint_path"):
         if getattr(cfg, key) is not None:
             preflight.check_writable_dir(getattr(cfg, key), key)
@@ -96,6 +97,8 @@ def check_compare(spec: compare_module.CompareSpec) -> None:
     """Ranges, the output directory and every trained SAE's ``d_in``, before the model loads."""
     if not spec.saes and not spec.evaluate_only:
         raise ValueError("nothing to do: `saes` and `evaluate_only` are both empty")
+    for name, sae in spec.saes.items():
+        preflight.check_sae_settings(sae, f"saes.{name}.")
     if spec.saes:
         preflight.check_runner_settings(spec.multi_runner_config(log_to_wandb=False), "runner.")
     preflight.check_writable_dir(spec.output_dir, "evaluation.output_dir")

@@ -56,6 +56,16 @@ def check_runner_settings(settings: Any, prefix: str = "") -> None:
         )
 
 
+def check_sae_settings(sae_cfg: Any, prefix: str) -> None:
+    """Widths and ``k`` of any architecture's config (SAELens's own included): ``d_in``, ``d_sae`` >= 1,
+    ``k`` in (0, d_sae] where the architecture has one."""
+    check_integer(f"{prefix}d_in", sae_cfg.d_in, 1)
+    check_integer(f"{prefix}d_sae", sae_cfg.d_sae, 1)
+    k = getattr(sae_cfg, "k", None)
+    if k is not None:
+        check_range(f"{prefix}k", k, 0, sae_cfg.d_sae, low_open=True)
+
+
 def check_writable_dir(path: str | Path, key: str) -> None:
     """Raise unless ``path`` is, or can be created as, a directory this process can write into."""
     target = Path(path).expanduser().absolute()

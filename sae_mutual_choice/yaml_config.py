@@ -88,7 +88,10 @@ def sae_config_from_dict(data: dict[str, Any], prefix: str = "sae.") -> Any:
         )
     config_class = get_sae_training_class(architecture)[1]
     check_fields(data, config_class, prefix, SAE_DERIVED_KEYS)
-    return config_class.from_dict(data)
+    try:
+        return config_class.from_dict(data)
+    except ValueError as error:  # the config's own checks name the field; say which SAE it belongs to
+        raise ValueError(f"{prefix}{error}") from error
 
 
 def runner_config_from_dict(data: dict[str, Any]) -> LanguageModelSAERunnerConfig[Any]:

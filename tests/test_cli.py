@@ -152,6 +152,21 @@ def test_outputs_under_a_regular_file_are_refused_before_training(tmp_path, caps
     assert "evaluation.output_dir: cannot create" in _error_line(capsys)
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("saes.topk.k=0", "saes.topk.k must be a finite number in (0, 128], got 0"),  # SAELens's own SAE
+        ("saes.topk.d_sae=0", "saes.topk.d_sae must be an integer >= 1, got 0"),
+        ("saes.mutual_choice.k=0.0", "saes.mutual_choice.k must be a finite number in (0, 128]"),
+        ("evaluation.eval_batches=0", "evaluation.eval_batches must be an integer >= 1, got 0"),
+    ],
+)
+def test_bad_compare_settings_name_the_sae(override, message, tmp_path, capsys):
+    assert main(["compare", str(TINY), "--set", override, "--out", str(tmp_path / "out")]) == 2
+    assert message in _error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
 def test_compare_checks_every_sae_width(tmp_path, capsys):
     widths = [f"saes.{name}.d_in=64" for name in ("topk", "mutual_choice", "feature_choice")]
     assert main(["compare", str(TINY), "--out", str(tmp_path), *[f"--set={w}" for w in widths]]) == 2
