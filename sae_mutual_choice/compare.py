@@ -241,7 +241,7 @@ def evaluate_all(
         try:
             sae = _load(entry, device)
             _check_matches(sae, hook, model)
-            store = _held_out_store(model, sae, held_out, spec)
+            store = held_out_store(model, sae, held_out, spec)
             if activations is None:
                 activations = held_out_activations(model, store, hook, spec.evaluation.held_out_batches)
             row = {
@@ -272,7 +272,7 @@ def run_calibrate(spec: CompareSpec, checkpoint: Path, out: Path) -> Path:
     model = load_any_model(
         spec.setting("model_name"), context_size, spec.setting("device"), spec.setting("model_class_name")
     )
-    store = _held_out_store(model, sae, held_out_text(spec, model), spec)
+    store = held_out_store(model, sae, held_out_text(spec, model), spec)
     activations = held_out_activations(model, store, spec.hook, spec.evaluation.held_out_batches)
     calibrate_thresholds(sae, activations)
     sae.save_inference_model(out)
@@ -298,7 +298,7 @@ def _check_matches(sae: SAE[Any], hook: str, model: Any) -> None:
         raise ValueError(f"SAE d_in {sae.cfg.d_in} does not match the activations' width {d_model}")
 
 
-def _held_out_store(model: Any, sae: SAE[Any], dataset: Any, spec: CompareSpec) -> ActivationsStore:
+def held_out_store(model: Any, sae: SAE[Any], dataset: Any, spec: CompareSpec) -> ActivationsStore:
     metadata = sae.cfg.metadata
     metadata.hook_name = metadata.hook_name or spec.hook
     metadata.prepend_bos = (
@@ -332,7 +332,7 @@ def _metrics_at_k(
         return {}
     if hasattr(sae, "threshold"):
         calibrated = at_k(sae, activations, k)
-        store = _held_out_store(model, calibrated, held_out, spec)
+        store = held_out_store(model, calibrated, held_out, spec)
         row = {
             **saelens_metrics(calibrated, model, store, spec.evaluation.eval_batches),
             **allocation_diagnostics(calibrated, activations),

@@ -255,3 +255,14 @@ def test_adaptive_saes_are_also_reported_at_exactly_k(compared):
         assert math.isfinite(row["at_k_explained_variance"]) and math.isfinite(row["at_k_ce_loss_score"])
     assert results["topk"]["at_k_normalized_mse"] == results["topk"]["normalized_mse"]
     assert "| explained var. @k |" in (compared / "results.md").read_text()
+
+
+def test_held_out_l0_benchmark_runs_on_saved_saes(compared):
+    saes = [str(compared / "saes" / name) for name in ("topk", "mutual_choice", "feature_choice")]
+    script = ROOT / "benchmarks" / "held_out_l0.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(TINY), *saes, "--batches", "140"],
+        capture_output=True, text=True, check=True, timeout=300,
+    )  # fmt: skip
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| mutual_choice |")]
+    assert len(rows) == 1 and rows[0].endswith("| 2 |")  # two whole 16,384-token chunks
