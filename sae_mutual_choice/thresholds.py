@@ -132,11 +132,10 @@ class JumpReLUExportMixin:
 
         Raises ``ValueError`` when there is none to export (no training step, no calibration).
         """
-        sample = self.calibration_sample()
         if not bool(self.calibrated_thresholds.isnan().any()):
             thresholds = self.calibrated_thresholds
-        elif sample.shape[0] > 0:
-            thresholds = exact_thresholds(self, sample)
+        elif bool(torch.isfinite(self.calibration_keys).any()):
+            thresholds = exact_thresholds(self, self.calibration_sample())
         else:
             thresholds = self.ema_thresholds()
         if not bool(torch.isfinite(thresholds).any()):
@@ -170,7 +169,9 @@ class JumpReLUExportMixin:
     def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_saving(state_dict)  # type: ignore[misc]
         # A checkpoint keeps what its export needs, not the sampled activations (module docstring).
-        if self.calibration_sample().shape[0] > 0 or not bool(self.calibrated_thresholds.isnan().any()):
+        if bool(torch.isfinite(self.calibration_keys).any()) or not bool(
+            self.calibrated_thresholds.isnan().any()
+        ):
             state_dict["calibrated_thresholds"] = self.inference_thresholds().double()
 
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
