@@ -104,8 +104,7 @@ def check_compare(spec: compare_module.CompareSpec) -> None:
     preflight.check_writable_dir(spec.output_dir, "evaluation.output_dir")
     dims = model_dims(spec.setting("model_name"))
     if dims is not None:
-        for name, sae in spec.saes.items():
-            preflight.check_d_in(dims, spec.hook, sae.d_in, f"saes.{name}.d_in")
+        preflight.check_compared_widths(dims, spec.hook, spec.saes)
 
 
 def check_eval(spec: compare_module.CompareSpec, paths: list[Path]) -> None:
@@ -138,7 +137,7 @@ def train(cfg: LanguageModelSAERunnerConfig[Any]) -> Any:
     runner = LanguageModelSAETrainingRunner(cfg, override_model=model, override_dataset=dataset)
     # A model SAELens loaded by name: its widths are known only now, still before training.
     preflight.check_d_in(
-        preflight.model_dims(runner.model), cfg.hook_name, cfg.sae.d_in, "sae.d_in", cfg.hook_head_index
+        preflight.config_dims(runner.model.cfg), cfg.hook_name, cfg.sae.d_in, "sae.d_in", cfg.hook_head_index
     )
     with training_progress():
         sae = runner.run()

@@ -201,9 +201,8 @@ def run_compare(spec: CompareSpec, log_to_wandb: bool = False) -> dict[str, Any]
         start = time.perf_counter()
         torch.manual_seed(cfg.seed)  # SAELens does not seed the SAEs' initialisation itself
         runner = MultiSAETrainingRunner(cfg, override_model=model, override_dataset=dataset)
-        dims = preflight.model_dims(runner.model)  # a model loaded by name: still before training
-        for name, sae in spec.saes.items():
-            preflight.check_d_in(dims, spec.hook, sae.d_in, f"saes.{name}.d_in")
+        # A model loaded by name: its widths are known only now, still before training.
+        preflight.check_compared_widths(preflight.config_dims(runner.model.cfg), spec.hook, spec.saes)
         with training_progress():
             runner.run()
         train_seconds = time.perf_counter() - start

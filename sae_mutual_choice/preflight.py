@@ -107,9 +107,8 @@ def hook_width(dims: dict[str, int], hook_name: str, head_index: int | None = No
     return None
 
 
-def model_dims(model: Any) -> dict[str, int]:
-    """The widths :func:`hook_width` needs, from a loaded HookedTransformer's config."""
-    cfg = model.cfg
+def config_dims(cfg: Any) -> dict[str, int]:
+    """The widths :func:`hook_width` needs, from a ``HookedTransformerConfig``."""
     return {name: int(getattr(cfg, name)) for name in ("n_layers", "d_model", "d_head", "n_heads", "d_mlp")}
 
 
@@ -120,3 +119,9 @@ def check_d_in(
     width = hook_width(dims, hook_name, head_index)
     if width is not None and d_in != width:
         raise ValueError(f"{key} must equal the width of {hook_name} ({width} in this model), got {d_in}")
+
+
+def check_compared_widths(dims: dict[str, int], hook_name: str, saes: dict[str, Any]) -> None:
+    """:func:`check_d_in` for every SAE of a compare (``saes``: name -> training SAE config)."""
+    for name, sae in saes.items():
+        check_d_in(dims, hook_name, sae.d_in, f"saes.{name}.d_in")
