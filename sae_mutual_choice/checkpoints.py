@@ -2,9 +2,10 @@
 
 A checkpoint is SAELens's ``save_model`` output: ``cfg.json`` (the training config) and
 ``sae_weights.safetensors`` with the parameters and the persistent training buffers (running
-statistics in float64 and integer counters among them). SAELens's ``load_from_disk`` casts every
-stored tensor to ``cfg.dtype``, which would round those buffers (bf16 holds integers exactly only
-up to 256); :func:`load_training_checkpoint` keeps each buffer's stored dtype.
+statistics, several in float64: the capacity carry, threshold estimates and their weights).
+SAELens's ``load_from_disk`` casts every stored tensor to ``cfg.dtype``, which would round those
+buffers (bf16 keeps 8 bits of mantissa); :func:`load_training_checkpoint` keeps each buffer's
+stored dtype.
 """
 
 import json
