@@ -9,7 +9,9 @@
   architecture's other running statistics, updated from the fired pairs of either step;
 - the auxiliary loss (``aux_zipf``, ``aux_k`` or none) with its coefficient scheduled through
   ``get_coefficients()``, and its metrics (under-used latents, fitted Zipf exponent);
-- removal of these training-only buffers from the exported inference state dict.
+- removal of these training-only buffers from the exported inference state dict;
+- with ``data_parallel``, training steps on the joined batch of all ranks (``step_ranks``; the
+  collectives are in :mod:`sae_mutual_choice.collectives`).
 """
 
 from typing import Any
@@ -18,6 +20,7 @@ import torch
 from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepOutput
 
 from sae_mutual_choice.aux_zipf import aux_zipf_loss, underuse_weights
+from sae_mutual_choice.collectives import check_same_over_ranks, sum_over_ranks, world_size
 from sae_mutual_choice.running import debiased, ema_update_
 from sae_mutual_choice.selection import Entries, fired_entries
 from sae_mutual_choice.sparse_step import SparseStep
@@ -52,6 +55,8 @@ class AllocationSAEMixin:
         self.register_training_buffer("latent_usage", torch.zeros(d_sae))
         self.register_training_buffer("latent_usage_weight", torch.zeros(()))
         self.step_metrics: dict[str, float] = {}  # logged through TrainStepOutput.metrics
+        # Ranks the current training step's batch is split over (1 outside a data-parallel step).
+        self.step_ranks = 1
 
     def register_training_buffer(self, name: str, value: torch.Tensor) -> None:
         """A persistent buffer that checkpoints keep and the inference export drops."""
@@ -78,17 +83,43 @@ class AllocationSAEMixin:
         }
 
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
-        if self.sparse_step_applies(step_input):
-            validate_activations(step_input.sae_in, self.cfg.d_in)
-            output = SparseStep(self, step_input).run()
-        else:
-            output = super().training_forward_pass(step_input)  # type: ignore[misc]
-        with torch.no_grad():
-            entries, values = fired_entries(output.feature_acts)
-            n_tokens = output.sae_in.reshape(-1, self.cfg.d_in).shape[0]
-            self.update_running_statistics(entries, values, n_tokens)
+        """One training step; with ``data_parallel`` and several ranks, a step on the joined batch.
+
+        Each rank then passes its slice of the batch (the same number of tokens on every rank) and
+        gets its slice of the joined step: its fired pairs, its share of the losses (a mean over its
+        own tokens, so gradients averaged over ranks are the joined batch's), and running statistics
+        that are identical on every rank.
+        """
+        self.step_ranks = world_size() if self.cfg.data_parallel else 1
+        try:
+            if self.step_ranks > 1:
+                check_same_over_ranks("the batch's token count", step_input.sae_in.shape[:-1].numel())
+            if self.sparse_step_applies(step_input):
+                validate_activations(step_input.sae_in, self.cfg.d_in)
+                output = SparseStep(self, step_input).run()
+            else:
+                output = super().training_forward_pass(step_input)  # type: ignore[misc]
+            with torch.no_grad():
+                entries, values = fired_entries(output.feature_acts)
+                n_tokens = output.sae_in.reshape(-1, self.cfg.d_in).shape[0]
+                self.update_running_statistics(entries, values, n_tokens)
+                self.record_training_inputs(step_input.sae_in)
+        finally:
+            self.step_ranks = 1
         output.metrics.update(self.step_metrics)
         return output
+
+    def record_training_inputs(self, sae_in: torch.Tensor) -> None:
+        """Called with each training step's inputs after the step (the export keeps a sample)."""
+
+    def joined_activations(self, scores: torch.Tensor) -> torch.Tensor:
+        """Dense activations ``[..., F]`` of this rank's slice in a joined step, from :meth:`select_entries`."""
+        flat = scores.reshape(-1, scores.shape[-1])
+        with torch.no_grad():
+            entries = self.select_entries(flat.detach())
+            fires = torch.zeros_like(flat, dtype=torch.bool)
+            fires[entries.rows, entries.cols] = True
+        return torch.where(fires, flat, flat.new_zeros(())).reshape(scores.shape)
 
     def sparse_step_applies(self, step_input: TrainStepInput) -> bool:
         """Whether this step runs sparse: ``sparse_training`` is on, the input is ``[B, d_in]``, and no
@@ -116,8 +147,14 @@ class AllocationSAEMixin:
         values: torch.Tensor,  # noqa: ARG002 (the subclasses' statistics use it)
         n_tokens: int,
     ) -> None:
-        """Update the running statistics from a step's fired pairs and their activations."""
-        fired = torch.bincount(entries.cols, minlength=self.cfg.d_sae).float() / n_tokens
+        """Update the running statistics from a step's fired pairs and their activations.
+
+        ``n_tokens``: this rank's tokens; in a joined step, the statistics are the joined batch's.
+        """
+        counts = torch.bincount(entries.cols, minlength=self.cfg.d_sae)
+        if self.step_ranks > 1:
+            counts = sum_over_ranks(counts)
+        fired = counts.float() / (n_tokens * self.step_ranks)
         ema_update_(self.latent_usage, self.latent_usage_weight, fired, self.statistics_rate)
 
     def underuse(self, dead_neuron_mask: torch.Tensor | None) -> torch.Tensor:

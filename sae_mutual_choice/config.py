@@ -62,6 +62,10 @@ class AllocationFields:
         zipf_fit_fraction: share of the rank curve, from the top, that the Zipf law is fitted to.
         underuse_ratio: a latent is under-used while it fires less than this share of its Zipf
             target rate; its aux weight grows from 0 there to 1 at no firing.
+        data_parallel: each rank of the default ``torch.distributed`` process group trains on one
+            slice of the batch, and selection and running statistics are those of the joined batch
+            (all ranks' slices in rank order), exactly; gradients must be averaged over ranks (DDP).
+            Without a process group it changes nothing. docs/method.md, "Data-parallel training".
     """
 
     sparse_training: bool = True
@@ -70,13 +74,15 @@ class AllocationFields:
     usage_window: int = 1000
     zipf_fit_fraction: float = 0.5
     underuse_ratio: float = 0.5
+    data_parallel: bool = False
 
 
 def validate_common(cfg: Any, *, integer_k: bool) -> None:
     """Validate the fields every architecture here has (``cfg`` is one of our configs)."""
     check_range("d_in", cfg.d_in, 1, math.inf)
-    if not isinstance(cfg.sparse_training, bool):
-        raise ValueError(f"sparse_training must be true or false, got {cfg.sparse_training!r}")
+    for name in ("sparse_training", "data_parallel"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
     check_range("d_sae", cfg.d_sae, 1, math.inf)
     if integer_k and (not isinstance(cfg.k, int) or isinstance(cfg.k, bool)):
         raise ValueError(f"k must be an integer in [1, d_sae={cfg.d_sae}], got {cfg.k!r}")

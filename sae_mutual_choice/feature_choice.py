@@ -16,10 +16,17 @@ from typing_extensions import override
 
 from sae_mutual_choice.allocation import batch_budget, feature_choice, over_tokens
 from sae_mutual_choice.base import AllocationSAEMixin
+from sae_mutual_choice.collectives import min_over_ranks, sum_over_ranks
 from sae_mutual_choice.config import AuxLoss, check_choice, check_range
 from sae_mutual_choice.mutual_choice import MutualChoiceTrainingSAEConfig
 from sae_mutual_choice.running import debiased, ema_update_
-from sae_mutual_choice.selection import Entries, feature_choice_entries, mutual_choice_entries
+from sae_mutual_choice.selection import (
+    Entries,
+    feature_choice_entries,
+    feature_choice_entries_over_ranks,
+    mutual_choice_entries,
+    mutual_choice_entries_over_ranks,
+)
 from sae_mutual_choice.thresholds import JumpReLUExportMixin
 from sae_mutual_choice.zipf import fit_zipf, round_capacities, zipf_capacities
 
@@ -111,12 +118,17 @@ class FeatureChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, TopKTrai
         return over_tokens(self.allocate)(scores)
 
     def allocate(self, scores: torch.Tensor) -> torch.Tensor:
-        """Feature Choice on one batch of scores ``[B, F] -> [B, F]``."""
+        """Feature Choice on one batch of scores ``[B, F] -> [B, F]``; in a data-parallel step, this rank's slice."""
+        if self.step_ranks > 1:
+            return self.joined_activations(scores)
         return feature_choice(scores, self.batch_capacities(scores))
 
     @override
     def select_entries(self, hidden_pre: torch.Tensor) -> Entries:
-        return feature_choice_entries(hidden_pre, self.batch_capacities(hidden_pre))
+        counts = self.batch_capacities(hidden_pre)
+        if self.step_ranks > 1:
+            return feature_choice_entries_over_ranks(hidden_pre, counts)
+        return feature_choice_entries(hidden_pre, counts)
 
     @override
     @torch.no_grad()
@@ -126,11 +138,18 @@ class FeatureChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, TopKTrai
 
     @torch.no_grad()
     def batch_capacities(self, scores: torch.Tensor) -> torch.Tensor:
-        """Integer capacities for a batch of scores ``[B, F]``; in training mode, updates demand and carry first."""
-        n_tokens = scores.shape[0]
+        """Integer capacities for a batch of scores ``[B, F]``; in training mode, updates demand and carry first.
+
+        In a data-parallel step ``scores`` is this rank's slice and the capacities are the joined batch's.
+        """
+        n_tokens = scores.shape[0] * self.step_ranks
         budget = batch_budget(self.cfg.k, n_tokens)
         if self.training and self.cfg.capacity == "zipf" and budget > 0:
-            won = torch.bincount(mutual_choice_entries(scores, budget).cols, minlength=self.cfg.d_sae)
+            if self.step_ranks > 1:
+                wins = mutual_choice_entries_over_ranks(scores, budget)
+                won = sum_over_ranks(torch.bincount(wins.cols, minlength=self.cfg.d_sae))
+            else:
+                won = torch.bincount(mutual_choice_entries(scores, budget).cols, minlength=self.cfg.d_sae)
             ema_update_(self.latent_demand, self.latent_demand_weight, won / budget, self.statistics_rate)
         counts, carry = round_capacities(self.capacities(n_tokens), self.capacity_carry, budget, n_tokens)
         if self.training:
@@ -144,6 +163,8 @@ class FeatureChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, TopKTrai
         super().update_running_statistics(entries, values, n_tokens)
         smallest = torch.full_like(self.latent_threshold, torch.inf)
         smallest.scatter_reduce_(0, entries.cols, values.to(smallest.dtype), "amin")
+        if self.step_ranks > 1:
+            smallest = min_over_ranks(smallest)
         fired = torch.isfinite(smallest)
         ema_update_(
             self.latent_threshold,

@@ -16,9 +16,10 @@ from typing_extensions import override
 
 from sae_mutual_choice.allocation import batch_budget, mutual_choice, over_tokens
 from sae_mutual_choice.base import AllocationSAEMixin
+from sae_mutual_choice.collectives import min_over_ranks
 from sae_mutual_choice.config import AllocationFields, check_integer, check_range, validate_common
-from sae_mutual_choice.running import debiased
-from sae_mutual_choice.selection import Entries, mutual_choice_entries
+from sae_mutual_choice.running import debiased, ema_update_
+from sae_mutual_choice.selection import Entries, mutual_choice_entries, mutual_choice_entries_over_ranks
 from sae_mutual_choice.thresholds import JumpReLUExportMixin
 
 
@@ -74,7 +75,14 @@ class MutualChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, BatchTopK
 
     @override
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        return MutualChoice(self.cfg.k)
+        # A bound method (not a closure), so that deepcopy rebinds it to the copy.
+        return self.activate
+
+    def activate(self, scores: torch.Tensor) -> torch.Tensor:
+        """Mutual Choice on scores ``[..., F]``; in a data-parallel step, this rank's slice of the joined selection."""
+        if self.step_ranks > 1:
+            return self.joined_activations(scores)
+        return MutualChoice(self.cfg.k)(scores)
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
@@ -85,7 +93,10 @@ class MutualChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, BatchTopK
 
     @override
     def select_entries(self, hidden_pre: torch.Tensor) -> Entries:
-        return mutual_choice_entries(hidden_pre, batch_budget(self.cfg.k, hidden_pre.shape[0]))
+        budget = batch_budget(self.cfg.k, hidden_pre.shape[0] * self.step_ranks)
+        if self.step_ranks > 1:
+            return mutual_choice_entries_over_ranks(hidden_pre, budget)
+        return mutual_choice_entries(hidden_pre, budget)
 
     @override
     def update_topk_threshold(self, acts_topk: torch.Tensor) -> None:
@@ -96,11 +107,13 @@ class MutualChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, BatchTopK
     def update_running_statistics(self, entries: Entries, values: torch.Tensor, n_tokens: int) -> None:
         # SAELens's raw EMA of the smallest fired score; the weight records how far it is from its start at 0.
         super().update_running_statistics(entries, values, n_tokens)
-        if values.numel():
-            lr = self.cfg.topk_threshold_lr
-            smallest = values.min().to(self.topk_threshold.dtype)
-            self.topk_threshold.mul_(1 - lr).add_(lr * smallest)
-            self.topk_threshold_weight.mul_(1 - lr).add_(lr)
+        smallest = torch.cat([values.reshape(-1), values.new_full((1,), torch.inf)]).min()
+        if self.step_ranks > 1:
+            smallest = min_over_ranks(smallest)
+        fired = torch.isfinite(smallest)  # some pair fired in the (joined) batch
+        smallest = torch.where(fired, smallest, 0).to(self.topk_threshold.dtype)
+        lr = self.cfg.topk_threshold_lr
+        ema_update_(self.topk_threshold, self.topk_threshold_weight, smallest, lr, where=fired)
 
     def ema_thresholds(self) -> torch.Tensor:
         """The bias-corrected running threshold for every latent (one global value); inf before any update."""

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from sae_mutual_choice.allocation import top_m_mask
+from sae_mutual_choice.collectives import shares_of_largest
 
 
 class Entries(NamedTuple):
@@ -106,9 +107,7 @@ def feature_choice_entries(scores: torch.Tensor, counts: torch.Tensor) -> Entrie
     n_tokens, n_latents = scores.shape
     by_latent = scores.t()
     counts = counts.to(scores.device, torch.long).clamp(0, n_tokens)
-    # The smallest power of two above each count: room to see past the boundary.
-    widths = (2 ** torch.log2(counts.double() + 1).ceil()).long().clamp(max=n_tokens)
-    widths = torch.where(counts == n_tokens, n_tokens, widths)
+    widths = _shortlist_widths(counts, n_tokens)
     pieces = []
     for width in widths[counts > 0].unique().tolist():
         latents = ((widths == width) & (counts > 0)).nonzero().squeeze(1)
@@ -131,6 +130,64 @@ def feature_choice_entries(scores: torch.Tensor, counts: torch.Tensor) -> Entrie
     if not pieces:
         return no_entries(scores)
     return positive_entries(scores, entries_from_flat(torch.cat(pieces), n_latents))
+
+
+def _shortlist_widths(counts: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Per latent, the smallest power of two above its count (room to see past the boundary), at most B."""
+    widths = (2 ** torch.log2(counts.double() + 1).ceil()).long().clamp(max=n_tokens)
+    return torch.where(counts == n_tokens, n_tokens, widths)
+
+
+def mutual_choice_entries_over_ranks(scores: torch.Tensor, budget: int) -> Entries:
+    """This rank's pairs of the joined batch's Mutual Choice selection; ``budget`` is the joined batch's.
+
+    Each rank sends its ``budget`` largest scores (:func:`~sae_mutual_choice.collectives.shares_of_largest`),
+    learns how many of the joined selection are its own, and selects that many locally: its pairs
+    above the joined boundary, then its tied pairs in flat order. Every rank must call it with the
+    same budget.
+    """
+    if budget <= 0:
+        return no_entries(scores)
+    values = (scores.t() if _latent_major(scores) else scores).reshape(-1)
+    top = values.topk(min(budget, values.numel()), sorted=False).values
+    groups = torch.zeros(top.shape[0], dtype=torch.long, device=scores.device)
+    share = shares_of_largest(top, groups, torch.tensor([budget], device=scores.device))
+    return mutual_choice_entries(scores, int(share[0]))
+
+
+def feature_choice_entries_over_ranks(scores: torch.Tensor, counts: torch.Tensor) -> Entries:
+    """This rank's pairs of the joined batch's Feature Choice selection; ``counts [F]`` are the joined capacities.
+
+    Each rank sends every latent's ``min(m_j, B_local)`` largest scores (``sum m_j`` values at most),
+    learns per latent how many of the joined top-``m_j`` are its own tokens (ties to the lower
+    rank, then the lower token), and selects those locally. Every rank must pass the same counts.
+    """
+    n_tokens, n_latents = scores.shape
+    counts = counts.to(scores.device, torch.long)
+    sent = counts.clamp(0, n_tokens)
+    groups = torch.arange(n_latents, device=scores.device).repeat_interleave(sent)
+    shares = shares_of_largest(largest_per_latent(scores.t(), sent), groups, counts)
+    return feature_choice_entries(scores, shares)
+
+
+def largest_per_latent(by_latent: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Each latent's ``n_j`` largest scores, latent after latent, descending within a latent.
+
+    ``by_latent [F, B]`` (fastest when contiguous), ``n [F]`` with ``0 <= n_j <= B``. ``-> [sum n]``.
+    """
+    n_tokens = by_latent.shape[1]
+    widths = _shortlist_widths(n, n_tokens)
+    values, latents = [], []
+    for width in widths[n > 0].unique().tolist():
+        group = ((widths == width) & (n > 0)).nonzero().squeeze(1)
+        top = by_latent[group].topk(width, dim=1, sorted=True).values
+        keep = torch.arange(width, device=n.device)[None] < n[group][:, None]
+        values.append(top[keep])
+        latents.append(group[:, None].expand_as(top)[keep])
+    if not values:
+        return by_latent.new_zeros(0)
+    order = torch.cat(latents).argsort(stable=True)
+    return torch.cat(values)[order]
 
 
 def fired_entries(feature_acts: torch.Tensor) -> tuple[Entries, torch.Tensor]:

@@ -25,9 +25,9 @@ latents at a time, so memory is bounded by ``N`` times the block.
 from typing import Any
 
 import torch
-from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 
 from sae_mutual_choice.base import validate_activations
+from sae_mutual_choice.collectives import gather_over_ranks, rank
 
 LEGACY_CHECKPOINT_BUFFERS = ("recent_inputs", "recent_inputs_filled", "recent_inputs_next")
 
@@ -78,10 +78,8 @@ class JumpReLUExportMixin:
     def calibration_counts(self, n_tokens: int) -> int | torch.Tensor:
         raise NotImplementedError
 
-    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
-        output = super().training_forward_pass(step_input)  # type: ignore[misc]
-        self.remember_inputs(step_input.sae_in)
-        return output
+    def record_training_inputs(self, sae_in: torch.Tensor) -> None:
+        self.remember_inputs(sae_in)
 
     @torch.no_grad()
     def remember_inputs(self, sae_in: torch.Tensor) -> None:
@@ -89,14 +87,19 @@ class JumpReLUExportMixin:
 
         Reservoir sampling by random keys: every input gets a uniform key and the sample is the
         ``threshold_calibration_tokens`` inputs with the largest keys seen so far. Computed on the
-        device, with no host synchronisation.
+        device, with no host synchronisation. In a data-parallel step every rank draws the joined
+        batch's keys and keeps those of its slice, so the ranks' samples together hold the joined
+        run's sample (:func:`calibrate_over_ranks`).
         """
         self.calibrated_thresholds.fill_(torch.nan)
         capacity = self.calibration_keys.shape[0]
         if capacity == 0:
             return
         rows = sae_in.detach().reshape(-1, self.cfg.d_in)
-        keys = torch.rand(rows.shape[0], generator=self._generator(), device=rows.device)
+        n_ranks = self.step_ranks  # type: ignore[attr-defined]
+        keys = torch.rand(rows.shape[0] * n_ranks, generator=self._generator(), device=rows.device)
+        if n_ranks > 1:
+            keys = keys.view(n_ranks, -1)[rank()]
         kept = torch.cat([self.calibration_keys, keys.to(self.calibration_keys)]).topk(capacity).indices
         chosen = torch.zeros(capacity + rows.shape[0], dtype=torch.bool, device=kept.device)
         chosen[kept] = True
@@ -119,8 +122,8 @@ class JumpReLUExportMixin:
         return self._sampling_generator
 
     def calibration_sample(self) -> torch.Tensor:
-        """The sampled training inputs ``[n, d_in]`` (n up to ``threshold_calibration_tokens``)."""
-        return self.calibration_inputs[torch.isfinite(self.calibration_keys)]
+        """The sampled training inputs ``[n, d_in]`` (n up to ``threshold_calibration_tokens``), by key, largest first."""
+        return sample_by_key(self.calibration_keys, self.calibration_inputs)
 
     def set_inference_thresholds(self, thresholds: torch.Tensor) -> None:
         """Pin the exported thresholds (``[F]``) until the next training step."""
@@ -182,6 +185,31 @@ class JumpReLUExportMixin:
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_saving_inference(state_dict)  # type: ignore[misc]
         state_dict["threshold"] = self.inference_thresholds()
+
+
+def sample_by_key(keys: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """The inputs with a finite key, ordered by key (largest first, ties in slot order). ``-> [n, d_in]``."""
+    order = keys.argsort(descending=True, stable=True)
+    return inputs[order][torch.isfinite(keys[order])]
+
+
+@torch.no_grad()
+def calibrate_over_ranks(sae: JumpReLUExportMixin) -> None:
+    """Pin, on every rank, the thresholds that the joined run's calibration sample gives (a collective).
+
+    Data-parallel training keeps the calibration sample per rank. This gathers the ranks'
+    samples, keeps the ``threshold_calibration_tokens`` inputs with the largest keys (the sample a
+    single process would hold after training on the joined batches) and pins the exact thresholds
+    computed on it, as :func:`calibrate_thresholds` does, until the next training step. Call it on
+    every rank before rank 0 saves a checkpoint or the inference model. Sends ``N x d_in`` values.
+    """
+    capacity = sae.calibration_keys.shape[0]
+    keys = gather_over_ranks(sae.calibration_keys).reshape(-1)
+    if capacity == 0 or not bool(torch.isfinite(keys).any()):
+        return
+    inputs = gather_over_ranks(sae.calibration_inputs).reshape(-1, sae.cfg.d_in)
+    kept = keys.topk(capacity).indices
+    sae.set_inference_thresholds(exact_thresholds(sae, sample_by_key(keys[kept], inputs[kept])))
 
 
 def latent_scores(sae: Any, sae_in: torch.Tensor, latents: slice) -> torch.Tensor:

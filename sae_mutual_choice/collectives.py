@@ -1,0 +1,99 @@
+"""Every ``torch.distributed`` call of data-parallel training, as small functions over ranks.
+
+With ``data_parallel`` on, each rank holds one slice of the batch; the *joined batch* is the
+concatenation of the ranks' slices in rank order. These functions take a rank's local piece and
+return the joined answer. With no process group (or one rank) each returns the single-process
+answer, so callers need no branch. Only collectives of known size are used (``all_reduce`` and
+``all_gather`` of tensors whose shape every rank computes alike), so the calls never exchange sizes.
+"""
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    """The number of ranks of the default process group; 1 when none is initialised."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank in the default process group; 0 when none is initialised."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def sum_over_ranks(local: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of ``local`` over all ranks (a new tensor)."""
+    total = local.clone()
+    if world_size() > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def min_over_ranks(local: torch.Tensor) -> torch.Tensor:
+    """The element-wise minimum of ``local`` over all ranks (a new tensor)."""
+    smallest = local.clone()
+    if world_size() > 1:
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+    return smallest
+
+
+def gather_over_ranks(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``local`` stacked in rank order: ``[...] -> [world_size, ...]``; same shape on every rank."""
+    if world_size() == 1:
+        return local[None].clone()
+    pieces = [torch.empty_like(local) for _ in range(world_size())]
+    dist.all_gather(pieces, local.contiguous())
+    return torch.stack(pieces)
+
+
+def check_same_over_ranks(name: str, value: int) -> None:
+    """Raise ``ValueError`` on every rank unless ``value`` is the same on all ranks (one small gather)."""
+    if world_size() == 1:
+        return
+    values = gather_over_ranks(torch.tensor([value], dtype=torch.long)).flatten().tolist()
+    if len(set(values)) > 1:
+        raise ValueError(f"{name} must be the same on every rank for data-parallel training, got {values}")
+
+
+@torch.no_grad()
+def shares_of_largest(local_top: torch.Tensor, groups: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """How many of this rank's values of each group are among the group's ``m`` largest over all ranks.
+
+    ``local_top [S]``: this rank's largest values of each group, group after group (``groups [S]``,
+    non-decreasing group ids, the same on every rank); each group holds at least
+    ``min(m_g, this rank's values of g)`` values, and the ranks together hold at least ``m_g``.
+    ``m [G]``: per group, how many values of the joined batch are taken. Ties at a group's boundary
+    go to the lower rank (the joined batch's order), so the shares of all ranks sum to ``m``.
+    Returns ``[G]`` (long): this rank's share; taking that many of its largest values of each group,
+    ties to its lower index, reproduces the joined selection. Exact even where a rank's list cut a
+    tie short: such a list is full, so its rank's share is already set by the values it sent.
+    """
+    n_groups = m.shape[0]
+    gathered = gather_over_ranks(local_top)  # [W, S]
+    n_ranks = gathered.shape[0]
+    boundary = _group_boundaries(gathered, groups, m)[groups]  # [S]
+    above = _count_per_group(gathered > boundary, groups, n_groups)  # [W, G]
+    tied = _count_per_group(gathered == boundary, groups, n_groups)
+    still_needed = m - above.sum(0)
+    tied_below = tied.cumsum(0) - tied  # ties held by lower ranks
+    taken = (still_needed - tied_below).clamp(min=0).minimum(tied)
+    return (above + taken)[rank() if n_ranks > 1 else 0]
+
+
+def _group_boundaries(gathered: torch.Tensor, groups: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Per group, its ``m_g``-th largest value over all ranks (+inf where ``m_g`` is 0). ``-> [G]``."""
+    n_ranks, n_groups = gathered.shape[0], m.shape[0]
+    values = gathered.t().reshape(-1)  # position-major: each group's values stay contiguous
+    order = values.argsort(descending=True, stable=True)
+    order = order[groups.repeat_interleave(n_ranks)[order].argsort(stable=True)]
+    sizes = torch.bincount(groups, minlength=n_groups) * n_ranks
+    starts = sizes.cumsum(0) - sizes
+    at = (starts + m - 1).clamp(min=0, max=max(values.numel() - 1, 0))
+    found = values[order][at] if values.numel() else values.new_full((n_groups,), torch.inf)
+    return torch.where(m > 0, found, torch.inf)
+
+
+def _count_per_group(flags: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Per rank, how many flagged positions each group has: ``[W, S] -> [W, G]`` (long)."""
+    counts = flags.new_zeros((flags.shape[0], n_groups), dtype=torch.long)
+    return counts.index_add_(1, groups, flags.long())

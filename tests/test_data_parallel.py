@@ -1,0 +1,173 @@
+"""Data-parallel training (``data_parallel``): spawned gloo processes against one process on the joined batch.
+
+Each spawned rank trains on its slice of every batch, averages gradients over ranks (what DDP
+does) and steps Adam; the reference trains one SAE on the joined batches. Per step the union of
+the ranks' fired pairs must equal the reference's, and at the end every parameter, running
+buffer and exported threshold must match on every rank.
+"""
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import dense_acts, step_input
+
+from sae_mutual_choice import (
+    FeatureChoiceTrainingSAE,
+    FeatureChoiceTrainingSAEConfig,
+    MutualChoiceTrainingSAE,
+    MutualChoiceTrainingSAEConfig,
+    TokenChoiceTrainingSAE,
+    TokenChoiceTrainingSAEConfig,
+)
+from sae_mutual_choice.allocation import feature_choice, mutual_choice
+from sae_mutual_choice.collectives import rank, world_size
+from sae_mutual_choice.selection import feature_choice_entries_over_ranks, mutual_choice_entries_over_ranks
+from sae_mutual_choice.thresholds import calibrate_over_ranks
+
+D_IN, D_SAE, TOKENS_PER_RANK, STEPS = 8, 48, 10, 5
+SAES = {
+    "token_choice": (TokenChoiceTrainingSAE, TokenChoiceTrainingSAEConfig, 3),
+    "mutual_choice": (MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig, 2.5),
+    "feature_choice": (FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig, 2.5),
+}
+# Every architecture x aux loss x decoder-norm rescaling with the sparse step, and the dense step once each.
+CASES = [
+    {"architecture": arch, "aux_loss": aux, "rescale_acts_by_decoder_norm": rescale, "sparse_training": True}
+    for arch, aux, rescale in itertools.product(SAES, ("aux_k", "aux_zipf"), (False, True))
+] + [
+    {
+        "architecture": arch,
+        "aux_loss": "aux_zipf",
+        "rescale_acts_by_decoder_norm": True,
+        "sparse_training": False,
+    }
+    for arch in SAES
+]
+
+
+def _spawn(worker: Any, n_ranks: int, tmp_path: Path) -> None:
+    """Run ``worker()`` on ``n_ranks`` spawned gloo processes (a failure in any rank fails the test)."""
+    mp.spawn(_run_rank, args=(worker, n_ranks, str(tmp_path / "store")), nprocs=n_ranks, join=True)
+
+
+def _run_rank(rank_id: int, worker: Any, n_ranks: int, store: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank_id, world_size=n_ranks)
+    try:
+        worker()
+    finally:
+        dist.destroy_process_group()
+
+
+def _make_sae(case: dict[str, Any], data_parallel: bool) -> Any:
+    sae_class, config_class, k = SAES[case["architecture"]]
+    options = {key: value for key, value in case.items() if key != "architecture"}
+    if case["architecture"] != "token_choice":
+        options["threshold_calibration_tokens"] = 16  # fewer than the run's tokens: the reservoir chooses
+    cfg = config_class(d_in=D_IN, d_sae=D_SAE, k=k, data_parallel=data_parallel, usage_window=3, **options)
+    torch.manual_seed(0)
+    return sae_class(cfg)
+
+
+def _fired_pairs(output: Any, token_offset: int) -> set[tuple[int, int]]:
+    pairs = dense_acts(output).nonzero().tolist()
+    return {(token + token_offset, latent) for token, latent in pairs}
+
+
+def _train_joined_and_alone() -> None:
+    """Every case: this rank's data-parallel SAE against the single-process SAE on the joined batch."""
+    n_ranks = world_size()
+    for case in CASES:
+        joined, alone = _make_sae(case, data_parallel=True), _make_sae(case, data_parallel=False)
+        optimisers = [torch.optim.Adam(sae.parameters(), lr=1e-2) for sae in (joined, alone)]
+        dead = torch.arange(D_SAE) % 5 == 0  # a few latents "dead" for aux_k
+        batches = torch.randn(
+            STEPS, n_ranks * TOKENS_PER_RANK, D_IN, generator=torch.Generator().manual_seed(1)
+        )
+        for step, batch in enumerate(batches):
+            mine = batch.view(n_ranks, TOKENS_PER_RANK, D_IN)[rank()]
+            out = joined.training_forward_pass(step_input(mine, dead))
+            out.loss.backward()
+            for param in joined.parameters():
+                assert param.grad is not None
+                dist.all_reduce(param.grad)
+                param.grad /= n_ranks
+            reference = alone.training_forward_pass(step_input(batch, dead))
+            reference.loss.backward()
+            for optimiser in optimisers:
+                optimiser.step()
+                optimiser.zero_grad()
+            fired: list[Any] = [None] * n_ranks
+            dist.all_gather_object(fired, _fired_pairs(out, rank() * TOKENS_PER_RANK))
+            union = set().union(*fired)
+            assert union == _fired_pairs(reference, 0), f"{case}, step {step}: fired pairs differ"
+            assert sum(map(len, fired)) == len(union)
+        state, expected = joined.state_dict(), alone.state_dict()
+        assert state.keys() == expected.keys()
+        for name, value in expected.items():
+            torch.testing.assert_close(
+                state[name], value, rtol=1e-5, atol=1e-6, equal_nan=True, msg=f"{case}: {name}"
+            )
+        if case["architecture"] != "token_choice":
+            calibrate_over_ranks(joined)
+            torch.testing.assert_close(
+                joined.inference_thresholds(), alone.inference_thresholds(), rtol=1e-5, atol=1e-6
+            )
+
+
+@pytest.mark.parametrize("n_ranks", [2, 3])
+def test_training_on_ranks_equals_training_on_the_joined_batch(n_ranks: int, tmp_path: Path) -> None:
+    _spawn(_train_joined_and_alone, n_ranks, tmp_path)
+
+
+def _select_tied_scores() -> None:
+    """Selection over ranks on heavily tied scores equals the dense rules on the joined batch."""
+    n_ranks = world_size()
+    generator = torch.Generator().manual_seed(2)
+    for trial in range(20):
+        joined = torch.randint(-2, 4, (n_ranks * 7, 11), generator=generator).float()
+        mine = joined.view(n_ranks, 7, 11)[rank()]
+        offset = rank() * 7
+        budget = int(torch.randint(0, joined.numel() + 1, (), generator=generator))
+        expected = mutual_choice(joined, budget)[offset : offset + 7]
+        entries = mutual_choice_entries_over_ranks(mine, budget)
+        got = torch.zeros_like(mine)
+        got[entries.rows, entries.cols] = mine[entries.rows, entries.cols]
+        assert torch.equal(got, expected), f"mutual choice, trial {trial}, budget {budget}"
+        counts = torch.randint(0, joined.shape[0] + 1, (11,), generator=generator)
+        expected = feature_choice(joined, counts)[offset : offset + 7]
+        entries = feature_choice_entries_over_ranks(mine.t().contiguous().t(), counts)
+        got = torch.zeros_like(mine)
+        got[entries.rows, entries.cols] = mine[entries.rows, entries.cols]
+        assert torch.equal(got, expected), f"feature choice, trial {trial}, counts {counts.tolist()}"
+
+
+@pytest.mark.parametrize("n_ranks", [2, 3])
+def test_selection_over_ranks_keeps_the_tie_rule(n_ranks: int, tmp_path: Path) -> None:
+    _spawn(_select_tied_scores, n_ranks, tmp_path)
+
+
+def _unequal_slices() -> None:
+    sae = _make_sae({"architecture": "mutual_choice"}, data_parallel=True)
+    tokens = TOKENS_PER_RANK + rank()
+    with pytest.raises(ValueError, match="token count must be the same on every rank"):
+        sae.training_forward_pass(step_input(torch.randn(tokens, D_IN)))
+
+
+def test_unequal_slices_fail_on_every_rank(tmp_path: Path) -> None:
+    _spawn(_unequal_slices, 2, tmp_path)
+
+
+def test_without_a_process_group_data_parallel_changes_nothing() -> None:
+    x = torch.randn(16, D_IN, generator=torch.Generator().manual_seed(3))
+    outputs = []
+    for data_parallel in (True, False):
+        sae = _make_sae({"architecture": "feature_choice"}, data_parallel=data_parallel)
+        outputs.append((dense_acts(sae.training_forward_pass(step_input(x))), sae.latent_demand.clone()))
+    assert torch.equal(outputs[0][0], outputs[1][0])
+    assert torch.equal(outputs[0][1], outputs[1][1])
