@@ -18,8 +18,9 @@ import torch
 from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
 
 from sae_mutual_choice import compare as compare_module
-from sae_mutual_choice import preflight
+from sae_mutual_choice import data_parallel, preflight
 from sae_mutual_choice.checkpoints import check_training_checkpoint
+from sae_mutual_choice.collectives import end_process_group, launched_ranks, rank, start_process_group
 from sae_mutual_choice.embedded import model_dims
 from sae_mutual_choice.progress import quiet_known_noise, training_progress
 from sae_mutual_choice.yaml_config import read_yaml, runner_config_from_dict
@@ -90,6 +91,8 @@ def train_config(path: str | Path, overrides: list[str], wandb: bool) -> Languag
     dims = model_dims(cfg.model_name)
     if dims is not None:
         preflight.check_d_in(dims, cfg.hook_name, cfg.sae.d_in, "sae.d_in", cfg.hook_head_index)
+    if launched_ranks() > 1:
+        data_parallel.check_data_parallel(cfg, launched_ranks())
     return cfg
 
 
@@ -129,16 +132,37 @@ def check_calibrate(checkpoint: Path, out: Path) -> None:
 
 
 def train(cfg: LanguageModelSAERunnerConfig[Any]) -> Any:
-    """One SAE through ``LanguageModelSAETrainingRunner``, embedded model/corpus resolved, seeded by ``seed``."""
+    """One SAE through ``LanguageModelSAETrainingRunner``, embedded model/corpus resolved, seeded by ``seed``.
+
+    Under ``torchrun`` with several ranks: data-parallel training (:mod:`sae_mutual_choice.data_parallel`).
+    """
+    if launched_ranks() == 1:
+        return _train(cfg, LanguageModelSAETrainingRunner)
+    start_process_group(cfg.device)
+    try:
+        return _train(data_parallel.rank_config(cfg), data_parallel.DataParallelRunner)
+    finally:
+        end_process_group()
+
+
+def _train(cfg: LanguageModelSAERunnerConfig[Any], runner_class: Any) -> Any:
     model, dataset = compare_module.resolve_model_and_dataset(
         cfg.model_name, cfg.dataset_path, cfg.context_size, cfg.device, cfg.training_tokens
     )
+    if runner_class is data_parallel.DataParallelRunner:
+        if dataset is None:
+            from datasets import load_dataset
+
+            dataset = load_dataset(cfg.dataset_path, split="train", streaming=cfg.streaming)
+        dataset = data_parallel.shard(dataset)
     torch.manual_seed(cfg.seed)  # SAELens does not seed the SAE's initialisation itself
-    runner = LanguageModelSAETrainingRunner(cfg, override_model=model, override_dataset=dataset)
+    runner = runner_class(cfg, override_model=model, override_dataset=dataset)
     # A model SAELens loaded by name: its widths are known only now, still before training.
     preflight.check_d_in(
         preflight.config_dims(runner.model.cfg), cfg.hook_name, cfg.sae.d_in, "sae.d_in", cfg.hook_head_index
     )
+    if rank() > 0:
+        return runner.run()
     with training_progress():
         sae = runner.run()
     if cfg.output_path is not None:

@@ -7,8 +7,38 @@ answer, so callers need no branch. Only collectives of known size are used (``al
 ``all_gather`` of tensors whose shape every rank computes alike), so the calls never exchange sizes.
 """
 
+import os
+
 import torch
 import torch.distributed as dist
+
+
+def launched_ranks() -> int:
+    """How many ranks ``torchrun`` started (its ``WORLD_SIZE``); 1 outside ``torchrun``."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    """This process's rank on its machine (``torchrun``'s ``LOCAL_RANK``); 0 outside ``torchrun``."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def start_process_group(device: str) -> None:
+    """Join ``torchrun``'s process group: NCCL for CUDA devices, gloo otherwise (environment rendezvous)."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+
+
+def end_process_group() -> None:
+    """Leave the process group, if one is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait until every rank is here (nothing without a process group)."""
+    if world_size() > 1:
+        dist.barrier()
 
 
 def world_size() -> int:

@@ -7,6 +7,11 @@ buffer and exported threshold must match on every rank.
 """
 
 import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +19,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import dense_acts, step_input
+from helpers import dense_acts, step_input, tiny_train_config
+from safetensors.torch import load_file
 
+import sae_mc
 from sae_mutual_choice import (
     FeatureChoiceTrainingSAE,
     FeatureChoiceTrainingSAEConfig,
@@ -23,6 +30,7 @@ from sae_mutual_choice import (
     MutualChoiceTrainingSAEConfig,
     TokenChoiceTrainingSAE,
     TokenChoiceTrainingSAEConfig,
+    data_parallel,
 )
 from sae_mutual_choice.allocation import feature_choice, mutual_choice
 from sae_mutual_choice.collectives import rank, world_size
@@ -166,8 +174,78 @@ def test_unequal_slices_fail_on_every_rank(tmp_path: Path) -> None:
 def test_without_a_process_group_data_parallel_changes_nothing() -> None:
     x = torch.randn(16, D_IN, generator=torch.Generator().manual_seed(3))
     outputs = []
-    for data_parallel in (True, False):
-        sae = _make_sae({"architecture": "feature_choice"}, data_parallel=data_parallel)
+    for joined in (True, False):
+        sae = _make_sae({"architecture": "feature_choice"}, data_parallel=joined)
         outputs.append((dense_acts(sae.training_forward_pass(step_input(x))), sae.latent_demand.clone()))
     assert torch.equal(outputs[0][0], outputs[1][0])
     assert torch.equal(outputs[0][1], outputs[1][1])
+
+
+def _torchrun(n_ranks: int, config: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n_ranks)]
+    command += ["-m", "sae_mutual_choice", "train", str(config), *options]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def test_torchrun_trains_checkpoints_exports_and_resumes(tmp_path: Path) -> None:
+    config = tiny_train_config(tmp_path, "feature_choice", n_checkpoints=1)
+    done = _torchrun(2, config)
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoints = tmp_path / "checkpoints" / "run"
+    (checkpoint,) = checkpoints.iterdir()  # named by the tokens of all ranks, as one process names it
+    assert 0 < int(checkpoint.name) < 6144
+    assert {"sae_weights.safetensors", "trainer_state.pt", "activations_store_rank1.safetensors"} <= {
+        path.name for path in checkpoint.iterdir()
+    }
+    exported = json.loads((tmp_path / "out" / "cfg.json").read_text())
+    assert exported["architecture"] == "jumprelu"
+    assert torch.isfinite(load_file(tmp_path / "out" / "sae_weights.safetensors")["threshold"]).all()
+    state = load_file(checkpoint / "sae_weights.safetensors")
+    assert state["latent_usage_weight"] > 0
+    resumed = _torchrun(
+        2,
+        config,
+        "--set",
+        f"resume_from_checkpoint={checkpoint}",
+        "--set",
+        "output_path=" + str(tmp_path / "resumed"),
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (tmp_path / "resumed" / "sae_weights.safetensors").is_file()
+    assert not list(checkpoints.glob("*.partial"))
+
+
+def test_torchrun_refuses_a_batch_that_does_not_divide(tmp_path: Path) -> None:
+    config = tiny_train_config(tmp_path, "mutual_choice")  # 256 tokens a batch
+    done = _torchrun(3, config)
+    assert done.returncode != 0
+    message = "train_batch_size_tokens must be divisible by the number of ranks (3) for data-parallel training, got 256"
+    assert done.stderr.count(message) == 3  # every rank says why, before anything loads
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "out").exists()
+
+
+def _train_with_a_failing_rank(rank_id: int, config: str, port: int) -> None:
+    """One rank of ``sae-mc train`` as torchrun starts it; rank 1 cannot write its part of the checkpoint."""
+    os.environ.update(RANK=str(rank_id), LOCAL_RANK=str(rank_id), WORLD_SIZE="2")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if rank_id == 1:
+
+        def fail(*args: Any, **kwargs: Any) -> None:
+            raise OSError("disk full")
+
+        data_parallel.DataParallelRunner.save_checkpoint = fail  # type: ignore[method-assign]
+    sae_mc.main(["train", config])
+
+
+def test_a_failing_rank_ends_the_run_without_a_checkpoint(tmp_path: Path) -> None:
+    config = tiny_train_config(tmp_path, "mutual_choice", n_checkpoints=1)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(mp.ProcessRaisedException, match="disk full"):
+        mp.spawn(_train_with_a_failing_rank, args=(str(config), port), nprocs=2, join=True)
+    checkpoints = tmp_path / "checkpoints" / "run"
+    left = [path.name for path in checkpoints.iterdir()] if checkpoints.exists() else []
+    assert all(name.endswith(".partial") for name in left), left  # nothing that looks complete
+    assert not (tmp_path / "out").exists()
