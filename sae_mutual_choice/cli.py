@@ -46,7 +46,15 @@ def run(args: argparse.Namespace) -> int:
         spec.output_dir = args.out
     if args.command in ("compare", "demo"):
         _checked(config, lambda: check_compare(spec))
-        results = compare_module.run_compare(spec, log_to_wandb=args.wandb)
+        if launched_ranks() > 1:
+            start_process_group(spec.setting("device"))
+        try:
+            results = compare_module.run_compare(spec, log_to_wandb=args.wandb)
+            evaluated = rank() == 0  # under torchrun, rank 0 evaluates and writes the results
+        finally:
+            end_process_group()
+        if not evaluated:
+            return 0
     elif args.command == "eval":
         paths = [Path(p) for p in args.paths]
         _checked(config, lambda: check_eval(spec, paths))
@@ -108,6 +116,8 @@ def check_compare(spec: compare_module.CompareSpec) -> None:
     dims = model_dims(spec.setting("model_name"))
     if dims is not None:
         preflight.check_compared_widths(dims, spec.hook, spec.saes)
+    if launched_ranks() > 1 and spec.saes:
+        data_parallel.check_data_parallel(spec.multi_runner_config(log_to_wandb=False), launched_ranks())
 
 
 def check_eval(spec: compare_module.CompareSpec, paths: list[Path]) -> None:
@@ -150,11 +160,7 @@ def _train(cfg: LanguageModelSAERunnerConfig[Any], runner_class: Any) -> Any:
         cfg.model_name, cfg.dataset_path, cfg.context_size, cfg.device, cfg.training_tokens
     )
     if runner_class is data_parallel.DataParallelRunner:
-        if dataset is None:
-            from datasets import load_dataset
-
-            dataset = load_dataset(cfg.dataset_path, split="train", streaming=cfg.streaming)
-        dataset = data_parallel.shard(dataset)
+        dataset = data_parallel.rank_corpus(dataset, cfg)
     torch.manual_seed(cfg.seed)  # SAELens does not seed the SAE's initialisation itself
     runner = runner_class(cfg, override_model=model, override_dataset=dataset)
     # A model SAELens loaded by name: its widths are known only now, still before training.

@@ -8,6 +8,7 @@ answer, so callers need no branch. Only collectives of known size are used (``al
 """
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -74,6 +75,15 @@ def gather_over_ranks(local: torch.Tensor) -> torch.Tensor:
     pieces = [torch.empty_like(local) for _ in range(world_size())]
     dist.all_gather(pieces, local.contiguous())
     return torch.stack(pieces)
+
+
+def rank_0_value(value: Any) -> Any:
+    """Rank 0's ``value`` (any picklable object), on every rank."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def check_same_over_ranks(name: str, value: int) -> None:

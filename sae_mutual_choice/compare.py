@@ -29,8 +29,9 @@ from sae_lens import SAE, LoggingConfig
 from sae_lens.multi_sae_training_runner import MultiSAETrainingRunner, MultiSAETrainingRunnerConfig
 from sae_lens.training.activations_store import ActivationsStore
 
-from sae_mutual_choice import embedded, preflight
+from sae_mutual_choice import data_parallel, embedded, preflight
 from sae_mutual_choice.checkpoints import load_training_checkpoint
+from sae_mutual_choice.collectives import rank, world_size
 from sae_mutual_choice.config import check_integer
 from sae_mutual_choice.evaluate import (
     allocation_diagnostics,
@@ -183,7 +184,8 @@ def held_out_text(spec: "CompareSpec", model: Any) -> Any:
 
 
 def _say(message: str) -> None:
-    print(f"[sae-mc] {message}", file=sys.stderr, flush=True)
+    if rank() == 0:
+        print(f"[sae-mc] {message}", file=sys.stderr, flush=True)
 
 
 def run_compare(spec: CompareSpec, log_to_wandb: bool = False) -> dict[str, Any]:
@@ -193,16 +195,24 @@ def run_compare(spec: CompareSpec, log_to_wandb: bool = False) -> dict[str, Any]
     model = None
     if spec.saes:
         cfg = spec.multi_runner_config(log_to_wandb)
+        joined = world_size() > 1  # under torchrun: data-parallel training, rank 0 evaluates
+        rank_cfg = data_parallel.rank_config(cfg) if joined else cfg
         start = time.perf_counter()
         model, dataset = resolve_model_and_dataset(
-            cfg.model_name, cfg.dataset_path, cfg.context_size, cfg.device, cfg.training_tokens
+            cfg.model_name, cfg.dataset_path, cfg.context_size, rank_cfg.device, cfg.training_tokens
         )
+        if joined:
+            dataset = data_parallel.rank_corpus(dataset, cfg)
         _say(f"model and corpus ready in {time.perf_counter() - start:.0f} s")
         start = time.perf_counter()
         torch.manual_seed(cfg.seed)  # SAELens does not seed the SAEs' initialisation itself
-        runner = MultiSAETrainingRunner(cfg, override_model=model, override_dataset=dataset)
+        runner_class = data_parallel.DataParallelMultiRunner if joined else MultiSAETrainingRunner
+        runner = runner_class(rank_cfg, override_model=model, override_dataset=dataset)
         # A model loaded by name: its widths are known only now, still before training.
         preflight.check_compared_widths(preflight.config_dims(runner.model.cfg), spec.hook, spec.saes)
+        if rank() > 0:
+            runner.run()
+            return {}
         with training_progress():
             runner.run()
         train_seconds = time.perf_counter() - start

@@ -9,6 +9,7 @@ buffer and exported threshold must match on every rank.
 import itertools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,7 +20,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 from helpers import dense_acts, step_input, tiny_train_config
+from sae_lens import LoggingConfig
+from sae_lens.config import SAETrainerConfig
+from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import load_file
 
 import sae_mc
@@ -34,6 +39,7 @@ from sae_mutual_choice import (
 )
 from sae_mutual_choice.allocation import feature_choice, mutual_choice
 from sae_mutual_choice.collectives import rank, world_size
+from sae_mutual_choice.compare import CompareSpec
 from sae_mutual_choice.selection import feature_choice_entries_over_ranks, mutual_choice_entries_over_ranks
 from sae_mutual_choice.thresholds import calibrate_over_ranks
 
@@ -181,6 +187,50 @@ def test_without_a_process_group_data_parallel_changes_nothing() -> None:
     assert torch.equal(outputs[0][1], outputs[1][1])
 
 
+def _trainer(sae: Any, batches: list[torch.Tensor]) -> Any:
+    cfg = SAETrainerConfig(
+        total_training_samples=sum(batch.shape[0] for batch in batches[2:]),
+        train_batch_size_samples=batches[0].shape[0],
+        lr=1e-2,
+        lr_end=1e-2,
+        dead_feature_window=2,  # latents go "dead" within the run, so AuxK's mask matters
+        n_batches_for_norm_estimate=2,
+        logger=LoggingConfig(log_to_wandb=False),
+    )
+    trainer_class = data_parallel.DataParallelTrainer if world_size() > 1 else SAETrainer
+    return trainer_class(cfg=cfg, sae=sae, data_provider=iter(batches))
+
+
+def _trainers_agree() -> None:
+    """SAELens's trainer loop, DDP and the joined counters and scaling: the runner's trainer against one process."""
+    n_ranks = world_size()
+    for architecture in ("mutual_choice", "feature_choice"):
+        case = {
+            "architecture": architecture,
+            "aux_loss": "aux_k",
+            "normalize_activations": "expected_average_only_in",
+        }
+        joined, alone = _make_sae(case, data_parallel=True), _make_sae(case, data_parallel=False)
+        scale = torch.linspace(0.5, 3.0, D_IN)  # non-unit norms, so the scaling factor matters
+        batches = (
+            torch.randn(8, n_ranks * TOKENS_PER_RANK, D_IN, generator=torch.Generator().manual_seed(4))
+            * scale
+        )
+        mine = [batch.view(n_ranks, TOKENS_PER_RANK, D_IN)[rank()] for batch in batches]
+        _trainer(joined, mine).fit()
+        alone_trainer = _trainer(alone, list(batches))
+        alone_trainer.fit()
+        state, expected = joined.state_dict(), alone.state_dict()
+        for name, value in expected.items():
+            torch.testing.assert_close(
+                state[name], value, rtol=1e-5, atol=1e-6, equal_nan=True, msg=f"{case}: {name}"
+            )
+
+
+def test_the_runners_trainer_equals_one_process_on_the_joined_batches(tmp_path: Path) -> None:
+    _spawn(_trainers_agree, 2, tmp_path)
+
+
 def _torchrun(n_ranks: int, config: Path, *options: str) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n_ranks)]
     command += ["-m", "sae_mutual_choice", "train", str(config), *options]
@@ -191,7 +241,7 @@ def test_torchrun_trains_checkpoints_exports_and_resumes(tmp_path: Path) -> None
     config = tiny_train_config(tmp_path, "feature_choice", n_checkpoints=1)
     done = _torchrun(2, config)
     assert done.returncode == 0, done.stderr[-3000:]
-    checkpoints = tmp_path / "checkpoints" / "run"
+    checkpoints = tmp_path / "checkpoints"  # the config's directory, as one process uses it
     (checkpoint,) = checkpoints.iterdir()  # named by the tokens of all ranks, as one process names it
     assert 0 < int(checkpoint.name) < 6144
     assert {"sae_weights.safetensors", "trainer_state.pt", "activations_store_rank1.safetensors"} <= {
@@ -245,7 +295,85 @@ def test_a_failing_rank_ends_the_run_without_a_checkpoint(tmp_path: Path) -> Non
         port = probe.getsockname()[1]
     with pytest.raises(mp.ProcessRaisedException, match="disk full"):
         mp.spawn(_train_with_a_failing_rank, args=(str(config), port), nprocs=2, join=True)
-    checkpoints = tmp_path / "checkpoints" / "run"
+    checkpoints = tmp_path / "checkpoints"
     left = [path.name for path in checkpoints.iterdir()] if checkpoints.exists() else []
     assert all(name.endswith(".partial") for name in left), left  # nothing that looks complete
     assert not (tmp_path / "out").exists()
+
+
+def test_torchrun_compare_trains_on_ranks_and_evaluates_on_rank_0(tmp_path: Path) -> None:
+    sae = {"d_in": 32, "d_sae": 64}
+    config = {
+        "runner": {
+            "model_name": "tiny-random",
+            "hook_names": "blocks.0.hook_resid_post",
+            "dataset_path": "sotu",
+            "context_size": 32,
+            "training_tokens": 4096,
+            "train_batch_size_tokens": 256,
+            "store_batch_size_prompts": 8,
+            "n_batches_in_buffer": 8,
+            "n_checkpoints": 1,
+            "checkpoint_path": str(tmp_path / "checkpoints"),
+        },
+        "saes": {
+            "mc": {"architecture": "mutual_choice", "k": 4.0, **sae},
+            "topk": {"architecture": "topk", "k": 4, **sae},
+        },
+        "evaluation": {"output_dir": str(tmp_path / "results"), "eval_batches": 1, "held_out_batches": 1},
+    }
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    done = subprocess.run(
+        [*command, "-m", "sae_mutual_choice", "compare", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert set(results) == {"mc", "topk"} and not any("error" in row for row in results.values())
+    (run_dir,) = (tmp_path / "checkpoints").iterdir()  # one directory for both ranks
+    (checkpoint,) = run_dir.iterdir()
+    assert {"mc", "topk", "activations_store_rank1.safetensors"} <= {p.name for p in checkpoint.iterdir()}
+
+
+@pytest.mark.parametrize(
+    ("saes", "runner", "message"),
+    [
+        (
+            {"b": {"architecture": "batchtopk", "k": 4.0}},
+            {},
+            "saes.b.architecture 'batchtopk' selects over the batch and would select per rank under data "
+            "parallelism; mutual_choice selects the same pairs exactly across ranks",
+        ),
+        (
+            {
+                "w": {
+                    "architecture": "mutual_choice",
+                    "k": 4.0,
+                    "normalize_activations": "covariance_whitening",
+                }
+            },
+            {},
+            "saes.w.normalize_activations 'covariance_whitening' is not supported for data-parallel training",
+        ),
+        (
+            {"m": {"architecture": "mutual_choice", "k": 4.0}},
+            {"train_batch_size_tokens": 250},
+            "divisible by the number of ranks (4)",
+        ),
+    ],
+)
+def test_configs_that_cannot_train_exactly_on_ranks_are_refused(
+    saes: dict[str, Any], runner: dict[str, Any], message: str
+) -> None:
+    spec = CompareSpec.from_dict(
+        {
+            "runner": {"model_name": "tiny-random", "hook_names": "blocks.0.hook_resid_post", **runner},
+            "saes": {name: {"d_in": 32, "d_sae": 64, **sae} for name, sae in saes.items()},
+        }
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        data_parallel.check_data_parallel(spec.multi_runner_config(log_to_wandb=False), 4)
