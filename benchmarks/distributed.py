@@ -7,7 +7,8 @@ wrapped to count what each rank contributes to them per step (the *payload*: the
 in; a ring all-gather then sends (N-1) times that, a ring all-reduce 2(N-1)/N times), apart from the
 gradients' all-reduce (2·d_in·F + F + d_in floats, the same for every architecture). The same
 steps on one process over the joined batch (one thread) give the 1-rank step time; medians over
-the measured steps. Nothing here depends on a GPU: the byte counts hold on any device, the times
+the measured steps; the time spent inside the wrapped collectives (waiting for the slower rank
+included) is shown beside the step. Nothing here depends on a GPU: the byte counts hold on any device, the times
 are this CPU's.
 
     python benchmarks/distributed.py [--quick] [--ranks 2] [--steps 6]
@@ -39,21 +40,27 @@ WARM_UP = 2
 
 
 class CountingDist:
-    """``torch.distributed`` with ``all_reduce`` / ``all_gather`` / ``broadcast_object_list`` payloads counted."""
+    """``torch.distributed`` with the payloads of ``all_reduce`` and ``all_gather`` counted, and their time."""
 
     def __init__(self) -> None:
         self.payload = 0
+        self.seconds = 0.0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(dist, name)
 
-    def all_reduce(self, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def _count(self, tensor: torch.Tensor, call: Any) -> Any:
         self.payload += tensor.numel() * tensor.element_size()
-        return dist.all_reduce(tensor, *args, **kwargs)
+        start = time.perf_counter()
+        result = call()
+        self.seconds += time.perf_counter() - start
+        return result
+
+    def all_reduce(self, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self._count(tensor, lambda: dist.all_reduce(tensor, *args, **kwargs))
 
     def all_gather(self, pieces: list[torch.Tensor], tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        self.payload += tensor.numel() * tensor.element_size()
-        return dist.all_gather(pieces, tensor, *args, **kwargs)
+        return self._count(tensor, lambda: dist.all_gather(pieces, tensor, *args, **kwargs))
 
 
 def build(architecture: str, d_sae: int, k: int, data_parallel: bool) -> Any:
@@ -108,7 +115,7 @@ def run_rank(
         for architecture in ARCHITECTURES:
             sae = build(architecture, d_sae, k, data_parallel=True)
             mine = joined_batches(n_tokens, steps).view(steps, n_ranks, -1, D_IN)[:, rank]
-            counting.payload = 0
+            counting.payload, counting.seconds = 0, 0.0
             times = train_steps(sae, mine, n_ranks)
             rows.append(
                 {
@@ -117,6 +124,7 @@ def run_rank(
                     "k": k,
                     "architecture": architecture,
                     "payload_bytes_per_step": counting.payload / steps,
+                    "collective_s_per_step": counting.seconds / steps,
                     "step_s": statistics.median(times),
                 }
             )
@@ -160,8 +168,8 @@ def render(rows: list[dict[str, Any]]) -> str:
     """The markdown table of the rows."""
     lines = [
         "| B, F, k | architecture | payload per rank per step | / (k·B·4 B) | gradients (DDP) | "
-        "1-rank step ms | N-rank step ms | speedup |",
-        "|---|---|---|---|---|---|---|---|",
+        "1-rank step ms | N-rank step ms | of which selection collectives | speedup |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         payload = row["payload_bytes_per_step"]
@@ -169,7 +177,7 @@ def render(rows: list[dict[str, Any]]) -> str:
             f"| {row['B']}, {row['F']}, {row['k']} | {row['architecture']} | {payload / 1e3:.1f} kB | "
             f"{payload / (4 * row['budget']):.2f} | {row['gradient_bytes_per_step'] / 1e6:.2f} MB | "
             f"{1e3 * row['alone_step_s']:.1f} | {1e3 * row['step_s']:.1f} | "
-            f"{row['alone_step_s'] / row['step_s']:.2f}× ({row['ranks']} ranks) |"
+            f"{1e3 * row['collective_s_per_step']:.1f} | {row['alone_step_s'] / row['step_s']:.2f}× ({row['ranks']} ranks) |"
         )
     return "\n".join(lines)
 

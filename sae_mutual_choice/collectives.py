@@ -96,28 +96,41 @@ def check_same_over_ranks(name: str, value: int) -> None:
 
 
 @torch.no_grad()
-def shares_of_largest(local_top: torch.Tensor, groups: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """How many of this rank's values of each group are among the group's ``m`` largest over all ranks.
+def joined_boundaries(
+    local_top: torch.Tensor, groups: torch.Tensor, m: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Each group's boundary among its ``m`` largest values over all ranks, and this rank's share of its ties.
 
     ``local_top [S]``: this rank's largest values of each group, group after group (``groups [S]``,
-    non-decreasing group ids, the same on every rank); each group holds at least
-    ``min(m_g, this rank's values of g)`` values, and the ranks together hold at least ``m_g``.
-    ``m [G]``: per group, how many values of the joined batch are taken. Ties at a group's boundary
-    go to the lower rank (the joined batch's order), so the shares of all ranks sum to ``m``.
-    Returns ``[G]`` (long): this rank's share; taking that many of its largest values of each group,
-    ties to its lower index, reproduces the joined selection. Exact even where a rank's list cut a
-    tie short: such a list is full, so its rank's share is already set by the values it sent.
+    non-decreasing group ids, the same on every rank; any order within a group): per group at
+    least every value among its ``min(m_g, this rank's values of g)`` largest, padded with
+    ``-inf``; the ranks together send at least ``m_g``. ``m [G]``: per group, how many values of the
+    joined batch are taken. Returns ``(boundary [G], taken [G])``: the ``m_g``-th largest value of
+    the joined batch (+inf where ``m_g`` is 0), and how many of this rank's values *equal* to it are
+    taken (ties go to the lower rank, the joined batch's order). The joined selection's values on
+    this rank are then its values above the boundary and its first ``taken`` values at it. Exact
+    even where a rank's list cut a tie short: such a list is full, so what it sent already settles
+    its rank's ties and leaves none to the ranks after it.
+
+    Shorter lists may be sent: the third result says whether they *covered* the boundary, that is
+    every rank sent all its values (it padded) or its smallest value sent lies below the boundary,
+    so that no value at or above a boundary stayed behind; only then are the first two exact (a
+    full list of ``min(m_g, n)`` values always is). The flag is read on the host, the same on every rank.
     """
     n_groups = m.shape[0]
     gathered = gather_over_ranks(local_top)  # [W, S]
-    n_ranks = gathered.shape[0]
-    boundary = _group_boundaries(gathered, groups, m)[groups]  # [S]
-    above = _count_per_group(gathered > boundary, groups, n_groups)  # [W, G]
-    tied = _count_per_group(gathered == boundary, groups, n_groups)
+    boundary = _group_boundaries(gathered, groups, m)  # [G]
+    at = boundary[groups]
+    above = _count_per_group(gathered > at, groups, n_groups)  # [W, G]
+    tied = _count_per_group(gathered == at, groups, n_groups)
     still_needed = m - above.sum(0)
     tied_below = tied.cumsum(0) - tied  # ties held by lower ranks
     taken = (still_needed - tied_below).clamp(min=0).minimum(tied)
-    return (above + taken)[rank() if n_ranks > 1 else 0]
+    padded = _count_per_group(gathered == -torch.inf, groups, n_groups) > 0
+    smallest = torch.full_like(above, torch.inf, dtype=gathered.dtype)
+    smallest.scatter_reduce_(1, groups.expand_as(gathered), gathered, "amin")
+    covered = bool((padded | (smallest < boundary) | (m == 0)).all())
+    return boundary, taken[rank() if gathered.shape[0] > 1 else 0], covered
 
 
 def _group_boundaries(gathered: torch.Tensor, groups: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

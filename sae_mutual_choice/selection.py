@@ -22,7 +22,11 @@ from typing import NamedTuple
 import torch
 
 from sae_mutual_choice.allocation import top_m_mask
-from sae_mutual_choice.collectives import shares_of_largest
+from sae_mutual_choice.collectives import joined_boundaries, world_size
+
+# Mutual Choice over ranks: the first round's list, relative to the rank's expected share of the
+# budget (budget / ranks). 1.5 leaves a margin of half a share before a second, full round is needed.
+FIRST_ROUND_SHARE = 1.5
 
 
 class Entries(NamedTuple):
@@ -141,53 +145,68 @@ def _shortlist_widths(counts: torch.Tensor, n_tokens: int) -> torch.Tensor:
 def mutual_choice_entries_over_ranks(scores: torch.Tensor, budget: int) -> Entries:
     """This rank's pairs of the joined batch's Mutual Choice selection; ``budget`` is the joined batch's.
 
-    Each rank sends its ``budget`` largest scores (:func:`~sae_mutual_choice.collectives.shares_of_largest`),
-    learns how many of the joined selection are its own, and selects that many locally: its pairs
-    above the joined boundary, then its tied pairs in flat order. Every rank must call it with the
-    same budget.
+    The rank selects its own best pairs (the single-process rule), sends their scores
+    (:func:`~sae_mutual_choice.collectives.joined_boundaries`), and keeps those above the joined
+    boundary and its share of the pairs at it, in flat order. It first sends
+    ``FIRST_ROUND_SHARE`` times its expected share of the budget; only if some rank's list did
+    not reach the boundary does every rank send its full ``budget`` best (exact either way). Every
+    rank must pass the same budget.
     """
     if budget <= 0:
         return no_entries(scores)
-    values = (scores.t() if _latent_major(scores) else scores).reshape(-1)
-    top = values.topk(min(budget, values.numel()), sorted=False).values
-    groups = torch.zeros(top.shape[0], dtype=torch.long, device=scores.device)
-    share = shares_of_largest(top, groups, torch.tensor([budget], device=scores.device))
-    return mutual_choice_entries(scores, int(share[0]))
+    full = min(budget, scores.numel())
+    first = min(full, math.ceil(FIRST_ROUND_SHARE * budget / world_size()))
+    for n_sent in dict.fromkeys((first, full)):
+        local = mutual_choice_entries(scores, n_sent)  # flat order, positive scores only
+        values = scores[local.rows, local.cols]
+        sent = torch.cat([values, values.new_full((n_sent - values.shape[0],), -torch.inf)])
+        groups = torch.zeros(n_sent, dtype=torch.long, device=scores.device)
+        boundary, taken, covered = joined_boundaries(
+            sent, groups, torch.tensor([budget], device=scores.device)
+        )
+        if covered or n_sent == full:
+            break
+    keep = _joined_keep(values, groups[: values.shape[0]], boundary, taken)
+    return Entries(local.rows[keep], local.cols[keep])
 
 
 def feature_choice_entries_over_ranks(scores: torch.Tensor, counts: torch.Tensor) -> Entries:
     """This rank's pairs of the joined batch's Feature Choice selection; ``counts [F]`` are the joined capacities.
 
-    Each rank sends every latent's ``min(m_j, B_local)`` largest scores (``sum m_j`` values at most),
-    learns per latent how many of the joined top-``m_j`` are its own tokens (ties to the lower
-    rank, then the lower token), and selects those locally. Every rank must pass the same counts.
+    The rank selects each latent's ``min(m_j, B_local)`` best tokens (the single-process rule),
+    sends their scores, ``sum m_j`` at most, and keeps per latent those above the joined boundary
+    and its share of the tokens at it, in token order. Every rank must pass the same counts.
     """
     n_tokens, n_latents = scores.shape
     counts = counts.to(scores.device, torch.long)
-    sent = counts.clamp(0, n_tokens)
-    groups = torch.arange(n_latents, device=scores.device).repeat_interleave(sent)
-    shares = shares_of_largest(largest_per_latent(scores.t(), sent), groups, counts)
-    return feature_choice_entries(scores, shares)
+    n_sent = counts.clamp(0, n_tokens)
+    local = feature_choice_entries(scores, n_sent)  # positive scores only
+    order = (local.cols * n_tokens + local.rows).argsort()  # latent by latent, tokens in order
+    rows, cols = local.rows[order], local.cols[order]
+    values = scores[rows, cols]
+    starts = n_sent.cumsum(0) - n_sent
+    real = torch.bincount(cols, minlength=n_latents)
+    within = torch.arange(cols.shape[0], device=cols.device) - (real.cumsum(0) - real)[cols]
+    sent = values.new_full((int(n_sent.sum()),), -torch.inf).index_copy_(0, starts[cols] + within, values)
+    groups = torch.arange(n_latents, device=scores.device).repeat_interleave(n_sent)
+    boundary, taken, _ = joined_boundaries(sent, groups, counts)  # full lists: exact
+    keep = _joined_keep(values, cols, boundary, taken)
+    return entries_from_flat(rows[keep] * n_latents + cols[keep], n_latents)
 
 
-def largest_per_latent(by_latent: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """Each latent's ``n_j`` largest scores, latent after latent, descending within a latent.
-
-    ``by_latent [F, B]`` (fastest when contiguous), ``n [F]`` with ``0 <= n_j <= B``. ``-> [sum n]``.
-    """
-    n_tokens = by_latent.shape[1]
-    widths = _shortlist_widths(n, n_tokens)
-    values, latents = [], []
-    for width in widths[n > 0].unique().tolist():
-        group = ((widths == width) & (n > 0)).nonzero().squeeze(1)
-        top = by_latent[group].topk(width, dim=1, sorted=True).values
-        keep = torch.arange(width, device=n.device)[None] < n[group][:, None]
-        values.append(top[keep])
-        latents.append(group[:, None].expand_as(top)[keep])
-    if not values:
-        return by_latent.new_zeros(0)
-    order = torch.cat(latents).argsort(stable=True)
-    return torch.cat(values)[order]
+def _joined_keep(
+    values: torch.Tensor, groups: torch.Tensor, boundary: torch.Tensor, taken: torch.Tensor
+) -> torch.Tensor:
+    """Mask of ``values`` (grouped, in tie order within a group) above their group's boundary or
+    among the first ``taken`` of the group at it."""
+    at = boundary[groups]
+    tied = values == at
+    n_groups = boundary.shape[0]
+    tied_per_group = torch.zeros(n_groups, dtype=torch.long, device=values.device).index_add_(
+        0, groups, tied.long()
+    )
+    tie_rank = tied.long().cumsum(0) - (tied_per_group.cumsum(0) - tied_per_group)[groups]
+    return (values > at) | (tied & (tie_rank <= taken[groups]))
 
 
 def fired_entries(feature_acts: torch.Tensor) -> tuple[Entries, torch.Tensor]:

@@ -20,7 +20,11 @@ ROOT = Path(__file__).parent.parent
     [
         ("step_time.py", ["--quick", "--reps", "1"], "| d_in, F, k | architecture | step s |"),
         ("export_l0.py", ["--quick"], "| architecture | k | L0 / k: running estimate |"),
-        ("distributed.py", ["--quick", "--steps", "3"], "| B, F, k | architecture | payload per rank per step |"),
+        (
+            "distributed.py",
+            ["--quick", "--steps", "3"],
+            "| B, F, k | architecture | payload per rank per step |",
+        ),
         ("synthetic.py", ["--quick", "--out", "{tmp}/synthetic.json"], "| variant | MCC | F1 |"),
         (
             "real_activations.py",
