@@ -137,12 +137,17 @@ def _group_boundaries(gathered: torch.Tensor, groups: torch.Tensor, m: torch.Ten
     """Per group, its ``m_g``-th largest value over all ranks (+inf where ``m_g`` is 0). ``-> [G]``."""
     n_ranks, n_groups = gathered.shape[0], m.shape[0]
     values = gathered.t().reshape(-1)  # position-major: each group's values stay contiguous
-    order = values.argsort(descending=True, stable=True)
-    order = order[groups.repeat_interleave(n_ranks)[order].argsort(stable=True)]
-    sizes = torch.bincount(groups, minlength=n_groups) * n_ranks
-    starts = sizes.cumsum(0) - sizes
-    at = (starts + m - 1).clamp(min=0, max=max(values.numel() - 1, 0))
-    found = values[order][at] if values.numel() else values.new_full((n_groups,), torch.inf)
+    if values.numel() == 0:
+        return values.new_full((n_groups,), torch.inf)
+    if n_groups == 1:  # one order statistic, no sort
+        found = values.kthvalue(max(values.numel() - int(m[0]) + 1, 1)).values[None]
+    else:  # one sort by (group, value descending), through an order-preserving integer key
+        bits = values.float().view(torch.int32).long()
+        ascending = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # integer order = float order
+        ordered = values[(groups.repeat_interleave(n_ranks) * 2**33 - ascending).argsort()]
+        sizes = torch.bincount(groups, minlength=n_groups) * n_ranks
+        at = (sizes.cumsum(0) - sizes + m - 1).clamp(min=0, max=values.numel() - 1)
+        found = ordered[at]
     return torch.where(m > 0, found, torch.inf)
 
 
