@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:  # bad config or input: say what, not where
         print(f"sae-mc {args.command}: error: {error}", file=sys.stderr)
         return 2
-    print(f"done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        print(f"done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return status
 
 
