@@ -38,6 +38,11 @@ def validate_activations(x: torch.Tensor, d_in: int) -> None:
         raise ValueError("activations contain NaN or infinite values")
 
 
+def with_bias(products: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``products + bias``, in place when the dtypes agree, else in the wider dtype (bf16 autocast)."""
+    return products.add_(bias) if products.dtype == bias.dtype else products + bias
+
+
 class AllocationSAEMixin:
     """Shared training behaviour; see the module docstring. Call :meth:`_init_allocation_state` last in ``__init__``."""
 
@@ -133,8 +138,12 @@ class AllocationSAEMixin:
 
     @torch.no_grad()
     def encoder_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw scores ``x @ W_enc + b_enc`` of processed inputs ``[B, d_in] -> [B, F]`` (no decoder norms, no graph)."""
-        return (x @ self.W_enc).add_(self.b_enc)
+        """Raw scores ``x @ W_enc + b_enc`` of processed inputs ``[B, d_in] -> [B, F]`` (no decoder norms, no graph).
+
+        Under bf16 autocast the matmul gives bf16 and the bias is added out of place, in the bias's
+        float32, as in SAELens's dense step (in place it would be rounded to bf16); otherwise in place.
+        """
+        return with_bias(x @ self.W_enc, self.b_enc)
 
     def select_entries(self, hidden_pre: torch.Tensor) -> Entries:
         """The firing pairs of a batch's scores ``[B, F]`` (the sparse step's activation function)."""

@@ -15,7 +15,7 @@ from sae_lens.saes.topk_sae import TopKTrainingSAE
 from typing_extensions import override
 
 from sae_mutual_choice.allocation import batch_budget, feature_choice, over_tokens
-from sae_mutual_choice.base import AllocationSAEMixin
+from sae_mutual_choice.base import AllocationSAEMixin, with_bias
 from sae_mutual_choice.collectives import min_over_ranks, sum_over_ranks
 from sae_mutual_choice.config import AuxLoss, check_choice, check_range
 from sae_mutual_choice.mutual_choice import MutualChoiceTrainingSAEConfig
@@ -134,7 +134,7 @@ class FeatureChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, TopKTrai
     @torch.no_grad()
     def encoder_scores(self, x: torch.Tensor) -> torch.Tensor:
         # Latent-major storage ([F, B] transposed), so each latent's top-m reads one contiguous row.
-        return (self.W_enc.t() @ x.t()).add_(self.b_enc[:, None]).t()
+        return with_bias(self.W_enc.t() @ x.t(), self.b_enc[:, None]).t()
 
     @torch.no_grad()
     def batch_capacities(self, scores: torch.Tensor) -> torch.Tensor:

@@ -157,3 +157,42 @@ def test_sparse_training_must_be_a_bool():
     _, config_class = get_sae_training_class("mutual_choice")
     with pytest.raises(ValueError, match="sparse_training must be true or false"):
         config_class(d_in=4, d_sae=8, k=2.0, sparse_training="yes")  # type: ignore[call-arg]
+
+
+def _step_under(
+    sae: Any, x: torch.Tensor, autocast: bool
+) -> tuple[set[tuple[int, int]], dict[str, torch.Tensor]]:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out, grads = forward_and_grads(sae, step_input(x, coefficients={"aux_loss": 1.0}))
+    return {tuple(pair) for pair in dense_acts(out).nonzero().tolist()}, grads
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_bf16_autocast_step_is_as_close_to_fp32_as_the_dense_step(architecture):
+    """Under bf16 autocast (SAELens's ``autocast``), the sparse step's selection and gradients stray from
+    the fp32 step's no more than SAELens's dense step's do: the encoder bias is added in fp32."""
+    sae_class, config_class = get_sae_training_class(architecture)
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(256, 64, generator=generator)
+    saes = {}
+    for sparse in (True, False):
+        k = 8 if architecture == "token_choice" else 8.0
+        torch.manual_seed(0)
+        saes[sparse] = sae_class(
+            config_class(d_in=64, d_sae=512, k=k, sparse_training=sparse, aux_loss="aux_zipf")
+        )
+        with torch.no_grad():
+            saes[sparse].b_enc.copy_(torch.randn(512, generator=torch.Generator().manual_seed(6)))
+    initial = {name: value.clone() for name, value in saes[True].state_dict().items()}
+    reference_pairs, reference_grads = _step_under(saes[True], x, autocast=False)
+    strays = {}
+    for sparse, sae in saes.items():
+        sae.load_state_dict(initial)  # the running statistics before the fp32 step, too
+        pairs, grads = _step_under(sae, x, autocast=True)
+        strays[sparse] = [len(pairs ^ reference_pairs) / len(reference_pairs)] + [
+            float((grads[name] - reference_grads[name]).norm() / reference_grads[name].norm())
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec")
+        ]
+    assert strays[False][1] > 0  # bf16 does move the dense step: the comparison means something
+    for ours, dense in zip(strays[True], strays[False], strict=True):
+        assert ours <= dense * 1.05 + 1e-6, (strays[True], strays[False])
