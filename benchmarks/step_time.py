@@ -11,9 +11,14 @@ memory is measured per architecture in a fresh subprocess (peak RSS after two st
 building the SAE, from ``/proc/self/status``), relative to ``topk``.
 
     python benchmarks/step_time.py [--quick] [--reps 5]
+    python benchmarks/step_time.py --device cuda [--autocast] [--out FILE.json]
     python benchmarks/step_time.py --render docs/results/step_time.json   # docs/results.md from the JSON
 
-The full run writes docs/results/step_time.json and its table into docs/results.md (section "overhead").
+The full CPU run writes docs/results/step_time.json and its table into docs/results.md (section
+"overhead"). ``--device cuda`` times with CUDA events (the device's time, every repetition
+synchronised once at its end) at (d_in, F, k) = (768, 24576, 32) and (2304, 65536, 64), and measures
+peak memory in process with ``max_memory_allocated``; ``--autocast`` runs the steps under bf16
+autocast, as SAELens's ``autocast: true`` does (on CPU too). Non-default runs write ``--out`` only.
 """
 
 import argparse
@@ -54,40 +59,92 @@ def build(variant: str, d_in: int, d_sae: int, k: int) -> Any:
     return sae_class(config_class(**kwargs))
 
 
-def step(sae: Any, optimizer: torch.optim.Optimizer, x: torch.Tensor, dead: torch.Tensor) -> None:
+def step(
+    sae: Any, optimizer: torch.optim.Optimizer, x: torch.Tensor, dead: torch.Tensor, autocast: bool = False
+) -> None:
     coefficients = {"aux_loss": 1.0} if sae.get_coefficients() else {}
-    out = sae.training_forward_pass(TrainStepInput(x, coefficients, dead, 0, False))
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = sae.training_forward_pass(TrainStepInput(x, coefficients, dead, 0, False))
     out.loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
-def time_steps(batch: int, d_in: int, d_sae: int, k: int, reps: int) -> dict[str, float]:
+class Clock:
+    """Elapsed time of a piece of work: wall time on CPU, CUDA events (device time) on a GPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def start(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def stop(self, started: Any) -> Any:
+        if not self.cuda:
+            return time.perf_counter() - started
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return started, event
+
+    @staticmethod
+    def seconds(measured: Any) -> float:
+        if isinstance(measured, float):
+            return measured
+        started, stopped = measured
+        return started.elapsed_time(stopped) / 1e3
+
+
+def time_steps(
+    batch: int, d_in: int, d_sae: int, k: int, reps: int, device: torch.device, autocast: bool = False
+) -> dict[str, float]:
     torch.manual_seed(0)
-    x = torch.randn(batch, d_in)
-    dead = torch.rand(d_sae) < 0.05  # a few dead latents, so the aux losses do their work
-    saes = {name: build(name, d_in, d_sae, k) for name in ARCHITECTURES}
+    x = torch.randn(batch, d_in, device=device)
+    dead = torch.rand(d_sae, device=device) < 0.05  # a few dead latents, so the aux losses do their work
+    saes = {name: build(name, d_in, d_sae, k).to(device) for name in ARCHITECTURES}
     optimizers = {name: torch.optim.Adam(sae.parameters(), lr=1e-4) for name, sae in saes.items()}
     W_enc = saes["topk"].W_enc.detach()
-    times: dict[str, list[float]] = {name: [] for name in [*ARCHITECTURES, "encoder"]}
+    clock = Clock(device)
+    measured: dict[str, list[Any]] = {name: [] for name in [*ARCHITECTURES, "encoder"]}
     for rep in range(reps + 1):  # repetition 0 is the warm-up
         for name in [*ARCHITECTURES, "encoder"]:
-            start = time.perf_counter()
+            started = clock.start()
             if name == "encoder":
-                with torch.no_grad():
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                     _ = x @ W_enc
             else:
-                step(saes[name], optimizers[name], x, dead)
+                step(saes[name], optimizers[name], x, dead, autocast)
             if rep:
-                times[name].append(time.perf_counter() - start)
-    base = times["topk"]
+                measured[name].append(clock.stop(started))
+        if clock.cuda:
+            torch.cuda.synchronize()
+    times = {name: [clock.seconds(m) for m in ms] for name, ms in measured.items()}
     result = {f"{name}_seconds": statistics.median(t) for name, t in times.items()}
     for name, t in times.items():
-        result[f"{name}_over_topk"] = statistics.median(a / b for a, b in zip(t, base, strict=True))
-        result[f"{name}_over_encoder"] = statistics.median(
-            a / b for a, b in zip(t, times["encoder"], strict=True)
-        )
+        for base in ("topk", "batchtopk", "encoder"):
+            result[f"{name}_over_{base}"] = statistics.median(
+                a / b for a, b in zip(t, times[base], strict=True)
+            )
     return result
+
+
+def cuda_peak_memory(architecture: str, batch: int, d_in: int, d_sae: int, k: int, autocast: bool) -> int:
+    """Bytes: peak CUDA memory of two steps above what was allocated before the SAE was built."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    x = torch.randn(batch, d_in, device="cuda")
+    dead = torch.rand(d_sae, device="cuda") < 0.05
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    sae = build(architecture, d_in, d_sae, k).cuda()
+    optimizer = torch.optim.Adam(sae.parameters())
+    for _ in range(2):
+        step(sae, optimizer, x, dead, autocast)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
 
 
 def memory_kb(field: str) -> int:
@@ -119,6 +176,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--autocast", action="store_true", help="bf16 autocast, as SAELens's autocast: true")
+    parser.add_argument("--out", type=Path, default=None, help="JSON output of a non-default run")
     parser.add_argument(
         "--render", type=Path, default=None, help="only rewrite docs/results.md from this JSON"
     )
@@ -127,15 +187,32 @@ def main() -> None:
         done = json.loads(args.render.read_text())
         write_section("overhead", section(done["rows"], done["wall_seconds"]))
         return
+    device = torch.device(args.device)
     started = time.perf_counter()
-    batch, sizes = (256, [(64, 512, 8)]) if args.quick else (4096, [(768, 16384, 32), (576, 4608, 32)])
+    if args.quick:
+        batch, sizes = 256, [(64, 512, 8)]
+    elif device.type == "cuda":
+        batch, sizes = 4096, [(768, 24576, 32), (2304, 65536, 64)]
+    else:
+        batch, sizes = 4096, [(768, 16384, 32), (576, 4608, 32)]
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{torch.get_num_threads()} CPU threads"
+    )
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, B = {batch}, {args.reps} repetitions"
+        f"torch {torch.__version__}, {where}, B = {batch}, {args.reps} repetitions"
+        + (", bf16 autocast" if args.autocast else "")
     )
     rows = []
     for d_in, d_sae, k in sizes:
-        timing = time_steps(batch, d_in, d_sae, k, args.reps)
-        memory = {name: peak_memory(name, batch, d_in, d_sae, k) for name in ARCHITECTURES}
+        timing = time_steps(batch, d_in, d_sae, k, args.reps, device, args.autocast)
+        memory = {
+            name: cuda_peak_memory(name, batch, d_in, d_sae, k, args.autocast)
+            if device.type == "cuda"
+            else peak_memory(name, batch, d_in, d_sae, k)
+            for name in ARCHITECTURES
+        }
         for name in ARCHITECTURES:
             rows.append(
                 {
@@ -145,31 +222,40 @@ def main() -> None:
                     "architecture": name,
                     "step_seconds": timing[f"{name}_seconds"],
                     "over_topk": timing[f"{name}_over_topk"],
+                    "over_batchtopk": timing[f"{name}_over_batchtopk"],
                     "over_encoder": timing[f"{name}_over_encoder"],
                     "peak_memory_mb": memory[name] / 2**20,
                     "memory_over_topk": memory[name] / max(memory["topk"], 1),
                 }
             )
-        print(f"encoder matmul alone: {timing['encoder_seconds']:.3f} s")
+        print(f"encoder matmul alone: {timing['encoder_seconds']:.4f} s")
     print("\n" + table(rows))
     print(json.dumps(rows))
-    if not args.quick:
-        wall = time.perf_counter() - started
-        RESULTS_JSON.write_text(
-            json.dumps({"rows": rows, "wall_seconds": wall, "torch": torch.__version__}, indent=1)
-        )
+    wall = time.perf_counter() - started
+    payload = {"rows": rows, "wall_seconds": wall, "torch": torch.__version__, "device": where}
+    payload["autocast"] = args.autocast
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(payload, indent=1))
+    elif not args.quick and device.type == "cpu" and not args.autocast:
+        RESULTS_JSON.write_text(json.dumps(payload, indent=1))
         write_section("overhead", section(rows, wall))
 
 
 def table(rows: list[dict[str, Any]]) -> str:
+    batchtopk = all("over_batchtopk" in r for r in rows)  # runs before it have no such column
+    places = 3 if min(r["step_seconds"] for r in rows) >= 0.01 else 5  # GPU steps take milliseconds
     lines = [
-        "| d_in, F, k | architecture | step s | / topk step | / encoder matmul | peak MB | / topk memory |",
-        "|---|---|---|---|---|---|---|",
+        "| d_in, F, k | architecture | step s | / topk step |"
+        + (" / batchtopk step |" if batchtopk else "")
+        + " / encoder matmul | peak MB | / topk memory |",
+        "|---|---|---|---|---|---|---|" + ("---|" if batchtopk else ""),
     ]
     for r in rows:
         lines.append(
-            f"| {r['d_in']}, {r['d_sae']}, {r['k']} | {r['architecture']} | {r['step_seconds']:.3f} | {r['over_topk']:.2f}"
-            f" | {r['over_encoder']:.2f} | {r['peak_memory_mb']:.0f} | {r['memory_over_topk']:.2f} |"
+            f"| {r['d_in']}, {r['d_sae']}, {r['k']} | {r['architecture']} | {r['step_seconds']:.{places}f} | {r['over_topk']:.2f}"
+            + (f" | {r['over_batchtopk']:.2f}" if batchtopk else "")
+            + f" | {r['over_encoder']:.2f} | {r['peak_memory_mb']:.0f} | {r['memory_over_topk']:.2f} |"
         )
     return "\n".join(lines)
 
