@@ -36,6 +36,9 @@ INTEGER_K = ("topk", "token_choice")
 METRICS = ["mcc", "f1", "explained_variance", "dead_latents", "l0", "l0_tracks_true_r", "samples_per_second"]
 # At equal sparsity: adaptive SAEs recalibrated to L0 = k on the evaluation samples (evaluate.at_k).
 AT_K_METRICS = ["mcc_at_k", "f1_at_k", "explained_variance_at_k"]
+# Where the variance goes (SAELens's figures and one of ours): latents tracking distinct true features,
+# output/input norm, latents as detectors, and how many latents share their best-matching feature.
+DIAGNOSTIC_METRICS = ["uniqueness", "shrinkage", "precision", "recall", "shared_best_match"]
 
 
 def sae_config(settings: dict[str, Any], variant: dict[str, Any]) -> Any:
@@ -64,6 +67,16 @@ def l0_tracking(sae: Any, model: SyntheticModel, n_samples: int) -> float:
     if float(l0.std()) == 0 or float(true.std()) == 0:
         return float("nan")
     return float(torch.corrcoef(torch.stack([l0, true]))[0, 1])
+
+
+@torch.no_grad()
+def shared_best_match(decoder: torch.Tensor, features: torch.Tensor) -> int:
+    """How many latents have a best-matching true feature (|cosine| of directions) that another latent also has."""
+    cosine = (
+        torch.nn.functional.normalize(decoder, dim=-1) @ torch.nn.functional.normalize(features, dim=-1).t()
+    )
+    best = cosine.abs().argmax(dim=1)
+    return int((torch.bincount(best, minlength=features.shape[0])[best] > 1).sum())
 
 
 def run_one(
@@ -122,6 +135,11 @@ def run_one(
         "l0_tracks_true_r": l0_tracking(sae, model, min(settings["eval_samples"], 20_000)),
         "train_seconds": seconds,
         "samples_per_second": settings["training_samples"] / seconds,
+        "uniqueness": result.uniqueness,
+        "shrinkage": result.shrinkage,
+        "precision": result.classification.precision,
+        "recall": result.classification.recall,
+        "shared_best_match": shared_best_match(sae.W_dec, model.feature_dict.feature_vectors),
         "mcc_at_k": at_k_result.mcc,
         "f1_at_k": at_k_result.classification.f1_score,
         "explained_variance_at_k": at_k_result.explained_variance,
@@ -134,7 +152,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for name in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == name]
         entry: dict[str, Any] = {"variant": name, "seeds": len(mine)}
-        for metric in METRICS + [m for m in AT_K_METRICS if all(m in r for r in mine)]:
+        optional = [m for m in DIAGNOSTIC_METRICS + AT_K_METRICS if all(m in r for r in mine)]
+        for metric in METRICS + optional:
             values = torch.tensor([float(r[metric]) for r in mine], dtype=torch.float64)
             entry[metric] = float(values.mean())  # NaN if a run's figure is undefined (constant L0)
             entry[f"{metric}_sd"] = float(values.std()) if len(values) > 1 else 0.0
@@ -146,7 +165,10 @@ def table(summary: list[dict[str, Any]]) -> str:
     at_k = [m for m in AT_K_METRICS if all(m in s for s in summary)]  # runs before @k have none
     header = "| variant | MCC | F1 | explained var. | dead | L0 | r(L0, true L0) | samples/s |"
     header += "".join(f" {title} @k |" for title in ("MCC", "F1", "explained var.")[: len(at_k)])
-    lines = [header, "|---|---|---|---|---|---|---|---|" + "---|" * len(at_k)]
+    diagnostic = [m for m in DIAGNOSTIC_METRICS if all(m in s for s in summary)]  # runs before: none
+    titles = {"uniqueness": "unique", "shrinkage": "shrinkage", "precision": "precision", "recall": "recall"}
+    header += "".join(f" {titles.get(m, 'sharing best match')} |" for m in diagnostic)
+    lines = [header, "|---|---|---|---|---|---|---|---|" + "---|" * (len(at_k) + len(diagnostic))]
     for s in summary:
         cells = [f"{s[m]:.3f} ± {s[m + '_sd']:.3f}" for m in ("mcc", "f1", "explained_variance")] + [
             f"{s['dead_latents']:.1f} ± {s['dead_latents_sd']:.1f}",
@@ -155,6 +177,12 @@ def table(summary: list[dict[str, Any]]) -> str:
             f"{s['samples_per_second']:.0f}",
         ]
         cells += [f"{s[m]:.3f} ± {s[m + '_sd']:.3f}" for m in at_k]
+        cells += [
+            f"{s[m]:.0f} ± {s[m + '_sd']:.0f}"
+            if m == "shared_best_match"
+            else f"{s[m]:.3f} ± {s[m + '_sd']:.3f}"
+            for m in diagnostic
+        ]
         lines.append(f"| {s['variant']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -196,7 +224,7 @@ def main() -> None:
     print(table(summary))
     out.write_text(json.dumps({**payload, "summary": summary}, indent=1))
     print(f"\nwrote {out}")
-    if not args.quick:
+    if not args.quick and args.config.stem == "synthetic":  # the section is the default config's
         write_section("synthetic", section(settings, summary, rows, wall))
 
 
