@@ -98,7 +98,8 @@ class AllocationSAEMixin:
         self.step_ranks = world_size() if self.cfg.data_parallel else 1
         try:
             if self.step_ranks > 1:
-                check_same_over_ranks("the batch's token count", step_input.sae_in.shape[:-1].numel())
+                tokens = step_input.sae_in.shape[:-1].numel()
+                check_same_over_ranks("the batch's token count", tokens, step_input.sae_in.device)
             if self.sparse_step_applies(step_input):
                 validate_activations(step_input.sae_in, self.cfg.d_in)
                 output = SparseStep(self, step_input).run()

@@ -25,9 +25,15 @@ def local_rank() -> int:
 
 
 def start_process_group(device: str) -> None:
-    """Join ``torchrun``'s process group: NCCL for CUDA devices, gloo otherwise (environment rendezvous)."""
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    """Join ``torchrun``'s process group (environment rendezvous): NCCL for CUDA devices, each rank on
+    ``cuda:LOCAL_RANK`` (NCCL's collectives use the current device), gloo otherwise."""
+    if dist.is_initialized():
+        return
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank())
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
 
 
 def end_process_group() -> None:
@@ -86,11 +92,11 @@ def rank_0_value(value: Any) -> Any:
     return box[0]
 
 
-def check_same_over_ranks(name: str, value: int) -> None:
-    """Raise ``ValueError`` on every rank unless ``value`` is the same on all ranks (one small gather)."""
+def check_same_over_ranks(name: str, value: int, device: torch.device) -> None:
+    """Raise ``ValueError`` on every rank unless ``value`` is the same on all ranks (one small gather on ``device``)."""
     if world_size() == 1:
         return
-    values = gather_over_ranks(torch.tensor([value], dtype=torch.long)).flatten().tolist()
+    values = gather_over_ranks(torch.tensor([value], dtype=torch.long, device=device)).flatten().tolist()
     if len(set(values)) > 1:
         raise ValueError(f"{name} must be the same on every rank for data-parallel training, got {values}")
 

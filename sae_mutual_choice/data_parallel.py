@@ -159,7 +159,7 @@ class DataParallelTrainer(SAETrainer):  # type: ignore[type-arg]
             factor = self.activation_scaler.scaling_factor
             assert factor is not None
             # factor = sqrt(d_in) / mean norm; the joined mean norm is the mean of the ranks' (equal sizes).
-            inverse = torch.tensor(1 / factor, dtype=torch.float64)
+            inverse = torch.tensor(1 / factor, dtype=torch.float64, device=self.sae.device)
             self.activation_scaler.scaling_factor = float(world_size() / sum_over_ranks(inverse))
 
         self.activation_scaler.estimate_scaling_factor = estimate_joined  # type: ignore[method-assign]
