@@ -28,9 +28,9 @@ from sae_mutual_choice.selection import (
     mutual_choice_entries_over_ranks,
 )
 from sae_mutual_choice.thresholds import JumpReLUExportMixin
-from sae_mutual_choice.zipf import fit_zipf, round_capacities, zipf_capacities
+from sae_mutual_choice.zipf import demand_capacities, fit_zipf, round_capacities, zipf_capacities
 
-CAPACITIES = ("uniform", "zipf")
+CAPACITIES = ("uniform", "zipf", "demand")
 
 
 @dataclass
@@ -38,7 +38,8 @@ class FeatureChoiceTrainingSAEConfig(MutualChoiceTrainingSAEConfig):
     """Mutual Choice's fields (``k``: mean latents per token, the budget) plus the capacity shape.
 
     Args:
-        capacity: ``"zipf"`` (capacities follow a Zipf law over demand ranks) or ``"uniform"``.
+        capacity: ``"zipf"`` (capacities follow a Zipf law over demand ranks), ``"uniform"``, or
+            ``"demand"`` (capacities in proportion to the measured demand itself; docs/method.md).
         zipf_exponent: the Zipf exponent (>= 0), or None to fit it to the demand curve as
             training goes.
         min_capacity_ratio: every latent's capacity is at least this share (in [0, 1]) of the
@@ -46,7 +47,7 @@ class FeatureChoiceTrainingSAEConfig(MutualChoiceTrainingSAEConfig):
     """
 
     aux_loss: AuxLoss = field(default="aux_zipf", kw_only=True)  # docs/method.md, "Defaults"
-    capacity: Literal["uniform", "zipf"] = "zipf"
+    capacity: Literal["uniform", "zipf", "demand"] = "zipf"
     zipf_exponent: float | None = None
     min_capacity_ratio: float = 0.1
 
@@ -107,11 +108,12 @@ class FeatureChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, TopKTrai
     def capacities(self, n_tokens: int) -> torch.Tensor:
         """Real-valued capacities of a batch of ``n_tokens`` tokens; sum to its budget. ``-> [F]`` float64."""
         demand = debiased(self.latent_demand, self.latent_demand_weight)
+        budget = batch_budget(self.cfg.k, n_tokens)
+        if self.cfg.capacity == "demand":
+            return demand_capacities(demand, budget, n_tokens, self.cfg.min_capacity_ratio)
         exponent = self.capacity_exponent()
         self.step_metrics["capacity_zipf_exponent"] = exponent
-        return zipf_capacities(
-            demand, batch_budget(self.cfg.k, n_tokens), n_tokens, exponent, self.cfg.min_capacity_ratio
-        )
+        return zipf_capacities(demand, budget, n_tokens, exponent, self.cfg.min_capacity_ratio)
 
     def allocate_over_tokens(self, scores: torch.Tensor) -> torch.Tensor:
         """Feature Choice on scores ``[..., F]``, leading dimensions flattened into one batch."""
@@ -144,7 +146,7 @@ class FeatureChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, TopKTrai
         """
         n_tokens = scores.shape[0] * self.step_ranks
         budget = batch_budget(self.cfg.k, n_tokens)
-        if self.training and self.cfg.capacity == "zipf" and budget > 0:
+        if self.training and self.cfg.capacity != "uniform" and budget > 0:
             if self.step_ranks > 1:
                 wins = mutual_choice_entries_over_ranks(scores, budget)
                 won = sum_over_ranks(torch.bincount(wins.cols, minlength=self.cfg.d_sae))

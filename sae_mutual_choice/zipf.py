@@ -58,18 +58,43 @@ def zipf_capacities(
 
     Latents are ranked by ``demand``; rank ``r`` gets the share
     ``min_capacity_ratio / F + (1 - min_capacity_ratio) * zipf(r)`` of ``budget``, so every latent
-    owns at least ``min_capacity_ratio`` of the uniform share. No latent can take more than the
+    owns at least ``min_capacity_ratio`` of the uniform share (see :func:`capacities_from_shares`).
+    """
+    by_rank = zipf_shares(demand.numel(), exponent, demand.device)
+    return capacities_from_shares(by_rank[ranks_of(demand) - 1], budget, n_tokens, min_capacity_ratio)
+
+
+def demand_capacities(
+    demand: torch.Tensor, budget: int, n_tokens: int, min_capacity_ratio: float
+) -> torch.Tensor:
+    """Capacities in proportion to ``demand`` itself (uniform while no latent has any). ``[F] -> [F]`` float64.
+
+    Latent j gets the share ``min_capacity_ratio / F + (1 - min_capacity_ratio) * demand_j / sum(demand)``
+    (see :func:`capacities_from_shares`): a latent is offered the tokens the data asked of it, no
+    more, where a Zipf law fitted to the head can offer its top ranks the whole batch.
+    """
+    total = demand.double().sum()
+    shares = (
+        demand.double() / total if float(total) > 0 else torch.full_like(demand, 1 / demand.numel()).double()
+    )
+    return capacities_from_shares(shares, budget, n_tokens, min_capacity_ratio)
+
+
+def capacities_from_shares(
+    shares: torch.Tensor, budget: int, n_tokens: int, min_capacity_ratio: float
+) -> torch.Tensor:
+    """Per-latent capacities from shares of the budget (``[F]``, summing to 1), with the floor and the cap.
+
+    Every latent owns ``min_capacity_ratio`` of the uniform share; no latent can take more than the
     ``n_tokens`` tokens of the batch: capacities over that cap are set to it and the excess is
     redistributed to the others in proportion to their shares (water filling). The result sums
-    to ``budget`` and lies in ``[0, n_tokens]``.
+    to ``budget`` and lies in ``[0, n_tokens]``. ``-> [F]`` float64.
     """
-    n_latents = demand.numel()
+    n_latents = shares.numel()
     if budget > n_latents * n_tokens:
         raise ValueError(f"budget {budget} exceeds n_latents * n_tokens = {n_latents * n_tokens}")
-    by_rank = zipf_shares(n_latents, exponent, demand.device)
-    shares = min_capacity_ratio / n_latents + (1 - min_capacity_ratio) * by_rank
-    shares = shares[ranks_of(demand) - 1]
-    capped = torch.zeros(n_latents, dtype=torch.bool, device=demand.device)
+    shares = min_capacity_ratio / n_latents + (1 - min_capacity_ratio) * shares.double()
+    capped = torch.zeros(n_latents, dtype=torch.bool, device=shares.device)
     capacities = shares * budget
     while True:
         over = (capacities > n_tokens) & ~capped

@@ -84,7 +84,7 @@ def test_bad_threshold_fields(arch, field, value, message):
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("capacity", "zipfian", r"capacity must be one of \['uniform', 'zipf'\]"),
+        ("capacity", "zipfian", r"capacity must be one of \['uniform', 'zipf', 'demand'\]"),
         ("zipf_exponent", -0.5, r"zipf_exponent must be .*\[0, inf\]"),
         ("zipf_exponent", math.nan, r"zipf_exponent must be a finite number"),
         ("min_capacity_ratio", 1.5, r"min_capacity_ratio must be .*\[0, 1\]"),

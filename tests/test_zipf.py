@@ -5,7 +5,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sae_mutual_choice.zipf import fit_zipf, ranks_of, round_capacities, zipf_capacities, zipf_shares
+from sae_mutual_choice.zipf import (
+    demand_capacities,
+    fit_zipf,
+    ranks_of,
+    round_capacities,
+    zipf_capacities,
+    zipf_shares,
+)
 
 
 def test_ranks_largest_first_ties_to_lower_index():
@@ -39,6 +46,21 @@ def test_capacities_follow_demand_ranks():
     capacities = zipf_capacities(demand, budget=40, n_tokens=100, exponent=1.0, min_capacity_ratio=0.0)
     shares = zipf_shares(4, 1.0)
     torch.testing.assert_close(capacities, 40 * shares[torch.tensor([2, 0, 3, 1])])
+
+
+def test_demand_capacities_are_proportional_to_demand_with_the_floor_and_the_cap():
+    demand = torch.tensor([0.1, 0.4, 0.0, 0.2])
+    capacities = demand_capacities(demand, budget=40, n_tokens=100, min_capacity_ratio=0.0)
+    torch.testing.assert_close(capacities, 40 * demand.double() / demand.double().sum())
+    floored = demand_capacities(demand, budget=40, n_tokens=100, min_capacity_ratio=0.2)
+    assert float(floored[2]) == pytest.approx(0.2 * 40 / 4)  # no demand: the floor alone
+    assert float(floored.sum()) == pytest.approx(40.0)
+    capped = demand_capacities(
+        torch.tensor([10.0, 1.0, 1.0, 1.0]), budget=40, n_tokens=12, min_capacity_ratio=0.0
+    )
+    assert float(capped.max()) == pytest.approx(12.0) and float(capped.sum()) == pytest.approx(40.0)
+    uniform = demand_capacities(torch.zeros(4), budget=40, n_tokens=100, min_capacity_ratio=0.0)
+    torch.testing.assert_close(uniform, torch.full((4,), 10.0, dtype=torch.float64))
 
 
 def test_capacities_cap_at_the_batch_and_redistribute():
