@@ -172,6 +172,7 @@ def test_bf16_autocast_step_is_as_close_to_fp32_as_the_dense_step(architecture):
     """Under bf16 autocast (SAELens's ``autocast``), the sparse step's selection and gradients stray from
     the fp32 step's no more than SAELens's dense step's do: the encoder bias is added in fp32."""
     sae_class, config_class = get_sae_training_class(architecture)
+    config_class: Any = config_class  # one of ours: it has k, sparse_training and aux_loss
     generator = torch.Generator().manual_seed(5)
     x = torch.randn(256, 64, generator=generator)
     saes = {}
