@@ -96,7 +96,7 @@ def test_bad_config_is_a_one_line_error(tmp_path, capsys):
     assert main(["train", str(path), "--set", "sae.capacity=zipfian"]) == 2
     expected = (
         f"sae-mc train: error: {path}: config key sae.capacity has the wrong type: "
-        "expected one of ['uniform', 'zipf']"
+        "expected one of ['uniform', 'zipf', 'demand']"
     )
     assert expected in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "missing.yaml")]) == 2
