@@ -53,9 +53,10 @@ def test_full_benchmark_configs_build_every_sae():
     synthetic = importlib.import_module("synthetic")
     real_activations = importlib.import_module("real_activations")
 
-    settings = synthetic.load_settings(ROOT / "configs" / "benchmarks" / "synthetic.yaml", quick=False)
-    for variant in settings["variants"].values():
-        assert synthetic.sae_config(settings, variant).d_sae == settings["d_sae"]
+    for path in sorted((ROOT / "configs" / "benchmarks").glob("synthetic*.yaml")):  # with the diagnosis ones
+        settings = synthetic.load_settings(path, quick=False)
+        for variant in settings["variants"].values():
+            assert synthetic.sae_config(settings, variant).d_sae == settings["d_sae"]
     settings = real_activations.load_settings(
         ROOT / "configs" / "benchmarks" / "real_activations.yaml", quick=False
     )
