@@ -111,7 +111,9 @@ def feature_choice_entries(scores: torch.Tensor, counts: torch.Tensor) -> Entrie
     n_tokens, n_latents = scores.shape
     by_latent = scores.t()
     counts = counts.to(scores.device, torch.long).clamp(0, n_tokens)
-    widths = _shortlist_widths(counts, n_tokens)
+    # The smallest power of two above each count: room to see past the boundary.
+    widths = (2 ** torch.log2(counts.double() + 1).ceil()).long().clamp(max=n_tokens)
+    widths = torch.where(counts == n_tokens, n_tokens, widths)
     pieces = []
     for width in widths[counts > 0].unique().tolist():
         latents = ((widths == width) & (counts > 0)).nonzero().squeeze(1)
@@ -134,12 +136,6 @@ def feature_choice_entries(scores: torch.Tensor, counts: torch.Tensor) -> Entrie
     if not pieces:
         return no_entries(scores)
     return positive_entries(scores, entries_from_flat(torch.cat(pieces), n_latents))
-
-
-def _shortlist_widths(counts: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """Per latent, the smallest power of two above its count (room to see past the boundary), at most B."""
-    widths = (2 ** torch.log2(counts.double() + 1).ceil()).long().clamp(max=n_tokens)
-    return torch.where(counts == n_tokens, n_tokens, widths)
 
 
 def mutual_choice_entries_over_ranks(scores: torch.Tensor, budget: int) -> Entries:
