@@ -44,6 +44,7 @@ DIAGNOSTIC_METRICS = ["uniqueness", "shrinkage", "precision", "recall", "shared_
 def sae_config(settings: dict[str, Any], variant: dict[str, Any]) -> Any:
     fields = dict(variant)
     architecture = fields.pop("architecture")
+    fields.pop("lr", None)  # the runner's, not the SAE's
     if "matryoshka_fractions" in fields:  # level widths as shares of d_sae, so quick sizes work too
         fields["matryoshka_widths"] = [
             round(f * settings["d_sae"]) for f in fields.pop("matryoshka_fractions")
@@ -91,7 +92,7 @@ def run_one(
             sae=sae_config(settings, variant),
             training_samples=settings["training_samples"],
             batch_size=settings["batch_size"],
-            lr=settings["lr"],
+            lr=variant.get("lr", settings["lr"]),
             output_path=str(out),
             checkpoint_path=None,
             eval_samples=0,
@@ -146,6 +147,40 @@ def run_one(
     }
 
 
+def expand_lr_sweep(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings whose ``lr_sweep: {lrs: [...], variants: [...]}`` became one variant per (variant, lr),
+    named ``"NAME, lr LR"``, in place of each swept variant."""
+    sweep = settings.get("lr_sweep")
+    if not sweep:
+        return settings
+    unknown = set(sweep["variants"]) - set(settings["variants"])
+    if unknown:
+        raise ValueError(f"lr_sweep.variants: {sorted(unknown)} are not in variants")
+    variants: dict[str, Any] = {}
+    for name, variant in settings["variants"].items():
+        if name in sweep["variants"]:
+            variants.update({f"{name}, lr {lr:g}": {**variant, "lr": lr} for lr in sweep["lrs"]})
+        else:
+            variants[name] = variant
+    return {**settings, "variants": variants}
+
+
+def best_of_sweep(settings: dict[str, Any], summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per swept variant, the learning rate with the highest mean explained variance; the others as run."""
+    sweep = settings.get("lr_sweep") or {"variants": []}
+    best = []
+    for entry in summary:
+        name = entry["variant"]
+        family = next((f for f in sweep["variants"] if name.startswith(f"{f}, lr ")), None)
+        if family is None:
+            best.append(entry)
+            continue
+        rivals = [s for s in summary if s["variant"].startswith(f"{family}, lr ")]
+        if entry is max(rivals, key=lambda s: s["explained_variance"]):
+            best.append(entry)
+    return best
+
+
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and sd over seeds, per variant, in the order of first appearance."""
     summary = []
@@ -196,7 +231,7 @@ def main() -> None:
             section(done["settings"], summarise(done["rows"]), done["rows"], done["wall_seconds"]),
         )
         return
-    settings = load_settings(args.config, args.quick, args.overrides)
+    settings = expand_lr_sweep(load_settings(args.config, args.quick, args.overrides))
     out = args.out
     started = time.perf_counter()
     model = SyntheticModel(
@@ -222,6 +257,9 @@ def main() -> None:
         f"\ntrue mean L0 {statistics.fmean(r['true_l0'] for r in rows):.2f}; wall time {wall / 60:.1f} min\n"
     )
     print(table(summary))
+    if settings.get("lr_sweep"):
+        print("\nbest learning rate of each swept variant (highest mean explained variance):\n")
+        print(table(best_of_sweep(settings, summary)))
     out.write_text(json.dumps({**payload, "summary": summary}, indent=1))
     print(f"\nwrote {out}")
     if not args.quick and args.config.stem == "synthetic":  # the section is the default config's
