@@ -15,6 +15,7 @@ Prints one row per architecture, step and aux loss, with the operators that were
 """
 
 import argparse
+import warnings
 from collections import Counter
 from typing import Any
 
@@ -24,6 +25,7 @@ from sae_lens.saes.sae import TrainStepInput
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sae_mutual_choice  # noqa: F401  (registers the architectures)
+from sae_mutual_choice.host_reads import sync_free
 
 ALWAYS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive"}
 
@@ -51,8 +53,8 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def count_syncs(architecture: str, sparse: bool, aux: str, batch: int, steps: int = 5) -> Counter[str]:
-    """The sync operators of steps 3.. of ``steps`` (summed), for one configuration."""
+def training_sae(architecture: str, sparse: bool, aux: str) -> Any:
+    """The SAE whose steps are counted: d_in 64, width 1024, k 16 (SAELens's architectures take no ``sparse``/``aux``)."""
     sae_class, config_class = get_sae_training_class(architecture)
     fields: dict[str, Any] = {
         "d_in": 64,
@@ -61,17 +63,44 @@ def count_syncs(architecture: str, sparse: bool, aux: str, batch: int, steps: in
     }
     if architecture in ("token_choice", "mutual_choice", "feature_choice"):
         fields.update(sparse_training=sparse, aux_loss=aux)
+    return sae_class(config_class(**fields))
+
+
+def count_syncs(
+    architecture: str,
+    sparse: bool,
+    aux: str,
+    batch: int,
+    steps: int = 5,
+    device: str = "cpu",
+) -> Counter[str]:
+    """The sync operators of steps 3.. of ``steps`` (summed), for one configuration.
+
+    On CUDA, each step also runs under ``torch.cuda.set_sync_debug_mode("warn")``, and the
+    synchronisations CUDA itself reports are counted as ``"cuda (debug mode)"``.
+    """
     torch.manual_seed(0)
-    sae = sae_class(config_class(**fields))
+    sae = training_sae(architecture, sparse, aux).to(device)
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
-    dead = torch.arange(fields["d_sae"]) % 20 == 0
+    dead = torch.arange(sae.cfg.d_sae, device=device) % 20 == 0
     total: Counter[str] = Counter()
     for step in range(steps):
-        x = torch.randn(batch, fields["d_in"])
+        x = torch.randn(batch, sae.cfg.d_in, device=device)
         counter = SyncCounter()
-        with counter:
-            out = sae.training_forward_pass(TrainStepInput(x, {"aux_loss": 1.0}, dead, step, False))
-            out.loss.backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if device.startswith("cuda"):
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with sync_free(), counter:  # the path an accelerator takes
+                    out = sae.training_forward_pass(TrainStepInput(x, {"aux_loss": 1.0}, dead, step, False))
+                    out.loss.backward()
+            finally:
+                if device.startswith("cuda"):
+                    torch.cuda.set_sync_debug_mode("default")
+        cuda_syncs = sum("synchroniz" in str(w.message) for w in caught)
+        if cuda_syncs:
+            counter.counts["cuda (debug mode)"] += cuda_syncs
         optimizer.step()  # not counted: on CUDA, Adam's step counters live on the host
         optimizer.zero_grad()
         if step >= 2:
@@ -82,6 +111,9 @@ def count_syncs(architecture: str, sparse: bool, aux: str, batch: int, steps: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument(
+        "--device", default="cpu", help="cuda: also count what CUDA's sync debug mode reports"
+    )
     args = parser.parse_args()
     rows = [("topk", True, "aux_k"), ("batchtopk", True, "aux_k")]
     rows += [
@@ -90,11 +122,11 @@ def main() -> None:
         for sparse in (True, False)
         for aux in ("aux_k", "aux_zipf")
     ]
-    print(f"B = {args.batch}, steps 3-5\n")
+    print(f"B = {args.batch}, steps 3-5, {args.device}\n")
     print("| architecture | step | aux loss | syncs per step | operators (over 3 steps) |")
     print("|---|---|---|---|---|")
     for architecture, sparse, aux in rows:
-        counts = count_syncs(architecture, sparse, aux, args.batch)
+        counts = count_syncs(architecture, sparse, aux, args.batch, device=args.device)
         ours = architecture in ("token_choice", "mutual_choice", "feature_choice")
         step = ("sparse" if sparse else "dense") if ours else "SAELens"
         detail = ", ".join(f"{name} {n}" for name, n in counts.most_common())

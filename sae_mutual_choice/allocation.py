@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from sae_mutual_choice.host_reads import host_reads_are_free
+
 
 def batch_budget(k: float, n_tokens: int) -> int:
     """Total number of (token, latent) pairs a batch of ``n_tokens`` may fire: ``int(k * n_tokens)``.
@@ -32,7 +34,10 @@ def top_m_mask(scores: torch.Tensor, m: torch.Tensor | int, dim: int) -> torch.T
     other = scores.shape[1 - dim]
     counts = torch.as_tensor(m, device=scores.device, dtype=torch.long).clamp(0, n)
     counts = counts.expand(other).unsqueeze(dim)
-    m_max = int(counts.max()) if counts.numel() else 0
+    if isinstance(m, int):
+        m_max = min(max(m, 0), n) if other else 0
+    else:
+        m_max = int(counts.max()) if counts.numel() else 0
     if m_max == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     top_values = scores.topk(m_max, dim=dim, sorted=True).values
@@ -40,9 +45,11 @@ def top_m_mask(scores: torch.Tensor, m: torch.Tensor | int, dim: int) -> torch.T
     above = scores > boundary
     tied = scores == boundary
     still_needed = counts - above.sum(dim, keepdim=True)
-    if bool((tied.sum(dim, keepdim=True) > still_needed).any()):
-        # A tie straddles the boundary: keep the first tied entries along dim.
-        tied = tied & (tied.cumsum(dim) <= still_needed)
+    # Where a tie straddles the boundary, keep the first tied entries along dim. Elsewhere this
+    # keeps every tied entry, so without free host reads it is applied without asking.
+    if not host_reads_are_free(scores) or bool((tied.sum(dim, keepdim=True) > still_needed).any()):
+        position = tied.cumsum(dim, dtype=torch.int32 if n < 2**31 else torch.int64)
+        tied = tied & (position <= still_needed)
     return (above | tied) & (counts > 0)
 
 

@@ -13,56 +13,70 @@ from typing import NamedTuple
 import torch
 from sae_lens.saes.topk_sae import act_times_W_dec
 
-from sae_mutual_choice.zipf import fit_zipf, ranks_of
+from sae_mutual_choice.host_reads import host_reads_are_free
+from sae_mutual_choice.zipf import fitted_zipf, ranks_of
 
 
 @torch.no_grad()
 def underuse_weights(
     usage: torch.Tensor, fit_fraction: float, underuse_ratio: float
-) -> tuple[torch.Tensor, float]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Under-use weight of every latent relative to a Zipf law fitted to ``usage``. ``[F] -> [F]``.
 
     ``usage`` is each latent's firing rate. A Zipf law is fitted to the head of its rank curve
-    (:func:`sae_mutual_choice.zipf.fit_zipf`), giving every rank a target rate ``t_r``; latent ``j``
+    (:func:`sae_mutual_choice.zipf.fitted_zipf`), giving every rank a target rate ``t_r``; latent ``j``
     at rank ``r`` gets ``w_j = clamp(1 - usage_j / (underuse_ratio * t_r), 0, 1)``: 0 once it fires
-    at least ``underuse_ratio`` of its target, 1 when it never fires. Returns ``(w, exponent)``.
+    at least ``underuse_ratio`` of its target, 1 when it never fires; all 0 when no law can be
+    fitted (fewer than two latents fire). Returns ``(w, exponent)``, the exponent a float64 scalar
+    tensor (computed on the device, not read).
     """
-    exponent, log_scale = fit_zipf(usage, fit_fraction)
-    if log_scale == float("-inf"):
-        return torch.zeros_like(usage), exponent
+    exponent, log_scale = fitted_zipf(usage, fit_fraction)
     ranks = ranks_of(usage).to(torch.float64)
     target = torch.exp(log_scale - exponent * ranks.log())
     weights = (1 - usage.double() / (underuse_ratio * target)).clamp(0, 1)
+    weights = torch.where(torch.isfinite(log_scale), weights, 0.0)
     return weights.to(usage.dtype), exponent
 
 
 class AuxSelection(NamedTuple):
-    """Each token's selected under-used latents ``latents [B, k_aux]``, their weights, and the loss scale."""
+    """Each token's selected under-used latents ``latents [B, k_aux]``, their weights, and the loss scale.
+
+    Selected latents that are not candidates (on the fixed-size path) have weight 0.
+    """
 
     latents: torch.Tensor
     weights: torch.Tensor
-    scale: float
+    scale: float | torch.Tensor
 
 
 @torch.no_grad()
 def aux_selection(hidden_pre: torch.Tensor, underuse: torch.Tensor, d_in: int) -> AuxSelection | None:
-    """Which latents each token's aux reconstruction uses (None when no latent is under-used).
+    """Which latents each token's aux reconstruction uses.
 
     ``hidden_pre``: ``[..., F]`` scores; ``underuse``: ``[F]`` weights in ``[0, 1]``. Each token takes
-    its ``min(d_in // 2, #candidates)`` best-scoring candidates (latents with weight > 0).
+    its ``d_in // 2`` best-scoring candidates (latents with weight > 0), all of them if there are
+    fewer. Where host reads are free (:mod:`sae_mutual_choice.host_reads`) the number of candidates
+    is read: None when there is none, and only their columns are searched when they are few.
+    Otherwise the selection has a fixed size, ``min(d_in // 2, F)`` per token, with non-candidates
+    (scored -inf) filling it at weight 0, which adds exactly nothing to the loss or its gradients.
     """
     candidates = underuse > 0
+    k_aux = d_in // 2
+    if not host_reads_are_free(hidden_pre):
+        masked = torch.where(candidates, hidden_pre, -torch.inf)
+        latents = masked.topk(min(k_aux, hidden_pre.shape[-1]), sorted=False).indices
+        scale = (underuse.sum() / k_aux).clamp(max=1.0)
+        return AuxSelection(latents, underuse.to(hidden_pre.dtype)[latents], scale)
     n_candidates = int(candidates.sum())
     if n_candidates == 0:
         return None
-    k_aux = d_in // 2
-    scale = min(float(underuse.sum()) / k_aux, 1.0)
+    scale = min(float(underuse.sum()) / k_aux, 1.0)  # as SAELens's AuxK computes it
     k_aux_used = min(k_aux, n_candidates)
     if 2 * n_candidates <= hidden_pre.shape[-1]:  # few candidates: search their columns only
         columns = candidates.nonzero().squeeze(1)
         latents = columns[hidden_pre[..., columns].topk(k_aux_used, sorted=False).indices]
     else:
-        masked = torch.where(candidates[None], hidden_pre, -torch.inf)
+        masked = torch.where(candidates, hidden_pre, -torch.inf)
         latents = masked.topk(k_aux_used, sorted=False).indices
     return AuxSelection(latents, underuse.to(hidden_pre.dtype)[latents], scale)
 
@@ -92,7 +106,11 @@ def aux_zipf_loss(
 
 
 def aux_reconstruction_loss(
-    recons: torch.Tensor, sae_in: torch.Tensor, sae_out: torch.Tensor, scale: float, coefficient: float
+    recons: torch.Tensor,
+    sae_in: torch.Tensor,
+    sae_out: torch.Tensor,
+    scale: float | torch.Tensor,
+    coefficient: float,
 ) -> torch.Tensor:
     """``coefficient * scale * |recons - (sae_in - sae_out)|^2``, summed over d_in, mean over tokens.
 

@@ -21,21 +21,28 @@ from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepO
 
 from sae_mutual_choice.aux_zipf import aux_zipf_loss, underuse_weights
 from sae_mutual_choice.collectives import check_same_over_ranks, sum_over_ranks, world_size
+from sae_mutual_choice.host_reads import host_reads_are_free
 from sae_mutual_choice.running import debiased, ema_update_
-from sae_mutual_choice.selection import Entries, fired_entries
+from sae_mutual_choice.selection import Entries, firing_statistics
 from sae_mutual_choice.sparse_step import SparseStep
 
 AUX_COEFFICIENT = "aux_loss"
 
 
-def validate_activations(x: torch.Tensor, d_in: int) -> None:
-    """Raise ``ValueError`` for input an SAE with ``d_in`` inputs cannot encode."""
+NONFINITE_MESSAGE = "activations contain NaN or infinite values"
+# Without free host reads, a training step records non-finite inputs on the device; the record is
+# read at SAELens's logging steps, every this many steps, and before the SAE is saved.
+NONFINITE_CHECK_INTERVAL = 100
+
+
+def validate_activations(x: torch.Tensor, d_in: int, finite: bool = True) -> None:
+    """Raise ``ValueError`` for input an SAE with ``d_in`` inputs cannot encode (with ``finite``, NaN/inf too)."""
     if x.ndim == 0 or x.shape[-1] != d_in:
         raise ValueError(f"activations must have last dimension d_in={d_in}, got shape {list(x.shape)}")
     if x.shape[:-1].numel() == 0:
         raise ValueError(f"activations must hold at least one token, got shape {list(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("activations contain NaN or infinite values")
+    if finite and not bool(torch.isfinite(x).all()):
+        raise ValueError(NONFINITE_MESSAGE)
 
 
 def with_bias(products: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -53,15 +60,22 @@ class AllocationSAEMixin:
     training_only_buffers: list[str]
     latent_usage: torch.Tensor
     latent_usage_weight: torch.Tensor
+    first_nonfinite_step: torch.Tensor
 
     def _init_allocation_state(self) -> None:
         self.training_only_buffers = []
         d_sae = self.cfg.d_sae
         self.register_training_buffer("latent_usage", torch.zeros(d_sae))
         self.register_training_buffer("latent_usage_weight", torch.zeros(()))
-        self.step_metrics: dict[str, float] = {}  # logged through TrainStepOutput.metrics
+        # Logged through TrainStepOutput.metrics; tensors are read by SAELens at logging steps only.
+        self.step_metrics: dict[str, float | torch.Tensor] = {}
         # Ranks the current training step's batch is split over (1 outside a data-parallel step).
         self.step_ranks = 1
+        self.in_training_step = False  # inputs checked by check_training_inputs, not by encode
+        # The first training step (since this SAE was built or loaded) with non-finite inputs; -1: none.
+        self.register_buffer(  # type: ignore[attr-defined]
+            "first_nonfinite_step", torch.tensor(-1, device=self.W_dec.device), persistent=False
+        )
 
     def register_training_buffer(self, name: str, value: torch.Tensor) -> None:
         """A persistent buffer that checkpoints keep and the inference export drops."""
@@ -74,8 +88,31 @@ class AllocationSAEMixin:
         return 1.0 / self.cfg.usage_window
 
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        validate_activations(x, self.cfg.d_in)
+        validate_activations(x, self.cfg.d_in, finite=not self.in_training_step)
         return super().encode_with_hidden_pre(x)  # type: ignore[misc]
+
+    def check_training_inputs(self, step_input: TrainStepInput) -> None:
+        """Refuse a training batch the SAE cannot encode: its shape at once; NaN/inf at once where host
+        reads are free, else recorded on the device and raised when the record is read (see
+        :meth:`raise_on_nonfinite_inputs`): at logging steps, every ``NONFINITE_CHECK_INTERVAL`` steps
+        and before saving."""
+        x = step_input.sae_in
+        validate_activations(x, self.cfg.d_in, finite=host_reads_are_free(x))
+        if host_reads_are_free(x):
+            return
+        step = step_input.n_training_steps
+        record = self.first_nonfinite_step
+        record.copy_(torch.where((record < 0) & ~torch.isfinite(x).all(), step, record))
+        if step_input.is_logging_step or step % NONFINITE_CHECK_INTERVAL == 0:
+            self.raise_on_nonfinite_inputs()
+
+    def raise_on_nonfinite_inputs(self) -> None:
+        """Raise ``ValueError`` if a training step since this SAE was built or loaded had NaN/inf inputs (a host read)."""
+        step = int(self.first_nonfinite_step)
+        if step >= 0:
+            raise ValueError(
+                f"{NONFINITE_MESSAGE} (first at training step {step}); the weights trained since are not usable"
+            )
 
     def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
         if self.cfg.aux_loss == "none":
@@ -96,22 +133,24 @@ class AllocationSAEMixin:
         that are identical on every rank.
         """
         self.step_ranks = world_size() if self.cfg.data_parallel else 1
+        self.in_training_step = True
         try:
+            self.check_training_inputs(step_input)
             if self.step_ranks > 1:
                 tokens = step_input.sae_in.shape[:-1].numel()
                 check_same_over_ranks("the batch's token count", tokens, step_input.sae_in.device)
             if self.sparse_step_applies(step_input):
-                validate_activations(step_input.sae_in, self.cfg.d_in)
                 output = SparseStep(self, step_input).run()
             else:
                 output = super().training_forward_pass(step_input)  # type: ignore[misc]
             with torch.no_grad():
-                entries, values = fired_entries(output.feature_acts)
+                counts, smallest = firing_statistics(output.feature_acts)
                 n_tokens = output.sae_in.reshape(-1, self.cfg.d_in).shape[0]
-                self.update_running_statistics(entries, values, n_tokens)
+                self.update_running_statistics(counts, smallest, n_tokens)
                 self.record_training_inputs(step_input.sae_in)
         finally:
             self.step_ranks = 1
+            self.in_training_step = False
         output.metrics.update(self.step_metrics)
         return output
 
@@ -124,7 +163,7 @@ class AllocationSAEMixin:
         with torch.no_grad():
             entries = self.select_entries(flat.detach())
             fires = torch.zeros_like(flat, dtype=torch.bool)
-            fires[entries.rows, entries.cols] = True
+            fires[entries.rows, entries.cols] = entries.firing()
         return torch.where(fires, flat, flat.new_zeros(())).reshape(scores.shape)
 
     def sparse_step_applies(self, step_input: TrainStepInput) -> bool:
@@ -153,15 +192,15 @@ class AllocationSAEMixin:
     @torch.no_grad()
     def update_running_statistics(
         self,
-        entries: Entries,
-        values: torch.Tensor,  # noqa: ARG002 (the subclasses' statistics use it)
+        counts: torch.Tensor,
+        smallest: torch.Tensor,  # noqa: ARG002 (the subclasses' statistics use it)
         n_tokens: int,
     ) -> None:
-        """Update the running statistics from a step's fired pairs and their activations.
+        """Update the running statistics from a step's firing: each latent's number of fired pairs
+        and its smallest fired activation (``[F]`` each, :func:`~sae_mutual_choice.selection.firing_statistics`).
 
         ``n_tokens``: this rank's tokens; in a joined step, the statistics are the joined batch's.
         """
-        counts = torch.bincount(entries.cols, minlength=self.cfg.d_sae)
         if self.step_ranks > 1:
             counts = sum_over_ranks(counts)
         fired = counts.float() / (n_tokens * self.step_ranks)
@@ -174,7 +213,7 @@ class AllocationSAEMixin:
             if dead_neuron_mask is None
             else dead_neuron_mask.to(self.W_dec.device, torch.float32)
         )
-        if self.cfg.aux_loss != "aux_zipf" or float(self.latent_usage_weight) == 0:
+        if self.cfg.aux_loss != "aux_zipf":
             return dead
         weights, exponent = underuse_weights(
             debiased(self.latent_usage, self.latent_usage_weight),
@@ -183,7 +222,8 @@ class AllocationSAEMixin:
         )
         self.step_metrics["usage_zipf_exponent"] = exponent
         # Under-use is judged with the evidence at hand: the estimate's weight (1 - (1 - 1/usage_window)
-        # ** steps) scales the weights, so a latent that missed the first batches is not taken for dead.
+        # ** steps) scales the weights, so a latent that missed the first batches is not taken for dead
+        # (and before any step, with weight 0, only the dead mask counts).
         return torch.maximum(weights.float() * self.latent_usage_weight.float(), dead)
 
     def aux_underuse(self, step_input: TrainStepInput) -> tuple[torch.Tensor, float] | None:
@@ -191,7 +231,7 @@ class AllocationSAEMixin:
         if self.cfg.aux_loss == "none":
             return None
         underuse = self.underuse(step_input.dead_neuron_mask)
-        self.step_metrics["underused_latents"] = int((underuse > 0).sum())
+        self.step_metrics["underused_latents"] = (underuse > 0).sum()
         coefficient = step_input.coefficients.get(AUX_COEFFICIENT)
         return underuse, self.cfg.aux_loss_coefficient if coefficient is None else coefficient
 
@@ -216,6 +256,10 @@ class AllocationSAEMixin:
             coefficient=coefficient,
         )
         return {"auxiliary_reconstruction_loss": loss}
+
+    def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
+        self.raise_on_nonfinite_inputs()  # no checkpoint or export of weights trained on NaN/inf
+        super().process_state_dict_for_saving(state_dict)  # type: ignore[misc]
 
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_saving_inference(state_dict)  # type: ignore[misc]

@@ -149,9 +149,9 @@ class FeatureChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, TopKTrai
         if self.training and self.cfg.capacity != "uniform" and budget > 0:
             if self.step_ranks > 1:
                 wins = mutual_choice_entries_over_ranks(scores, budget)
-                won = sum_over_ranks(torch.bincount(wins.cols, minlength=self.cfg.d_sae))
+                won = sum_over_ranks(wins.counts(self.cfg.d_sae))
             else:
-                won = torch.bincount(mutual_choice_entries(scores, budget).cols, minlength=self.cfg.d_sae)
+                won = mutual_choice_entries(scores, budget).counts(self.cfg.d_sae)
             ema_update_(self.latent_demand, self.latent_demand_weight, won / budget, self.statistics_rate)
         counts, carry = round_capacities(self.capacities(n_tokens), self.capacity_carry, budget, n_tokens)
         if self.training:
@@ -160,11 +160,10 @@ class FeatureChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, TopKTrai
 
     @override
     @torch.no_grad()
-    def update_running_statistics(self, entries: Entries, values: torch.Tensor, n_tokens: int) -> None:
+    def update_running_statistics(self, counts: torch.Tensor, smallest: torch.Tensor, n_tokens: int) -> None:
         # Each latent's smallest fired score, into its bias-corrected running threshold.
-        super().update_running_statistics(entries, values, n_tokens)
-        smallest = torch.full_like(self.latent_threshold, torch.inf)
-        smallest.scatter_reduce_(0, entries.cols, values.to(smallest.dtype), "amin")
+        super().update_running_statistics(counts, smallest, n_tokens)
+        smallest = smallest.to(self.latent_threshold.dtype)
         if self.step_ranks > 1:
             smallest = min_over_ranks(smallest)
         fired = torch.isfinite(smallest)

@@ -104,10 +104,10 @@ class MutualChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, BatchTopK
 
     @override
     @torch.no_grad()
-    def update_running_statistics(self, entries: Entries, values: torch.Tensor, n_tokens: int) -> None:
+    def update_running_statistics(self, counts: torch.Tensor, smallest: torch.Tensor, n_tokens: int) -> None:
         # SAELens's raw EMA of the smallest fired score; the weight records how far it is from its start at 0.
-        super().update_running_statistics(entries, values, n_tokens)
-        smallest = torch.cat([values.reshape(-1), values.new_full((1,), torch.inf)]).min()
+        super().update_running_statistics(counts, smallest, n_tokens)
+        smallest = smallest.min()
         if self.step_ranks > 1:
             smallest = min_over_ranks(smallest)
         fired = torch.isfinite(smallest)  # some pair fired in the (joined) batch

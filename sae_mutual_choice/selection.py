@@ -23,6 +23,7 @@ import torch
 
 from sae_mutual_choice.allocation import top_m_mask
 from sae_mutual_choice.collectives import joined_boundaries, world_size
+from sae_mutual_choice.host_reads import host_reads_are_free
 
 # Mutual Choice over ranks: the first round's list, relative to the rank's expected share of the
 # budget (budget / ranks). 1.5 leaves a margin of half a share before a second, full round is needed.
@@ -30,13 +31,25 @@ FIRST_ROUND_SHARE = 1.5
 
 
 class Entries(NamedTuple):
-    """Selected pairs, sorted by flat index: ``rows[i]`` is the token, ``cols[i]`` the latent."""
+    """Selected pairs, sorted by flat index: ``rows[i]`` is the token, ``cols[i]`` the latent.
+
+    ``fires``: which pairs fire (their score is positive), where the selection kept a fixed number
+    of pairs instead of reading how many fire (no host read, :mod:`sae_mutual_choice.host_reads`);
+    None when every pair fires.
+    """
 
     rows: torch.Tensor
     cols: torch.Tensor
+    fires: torch.Tensor | None = None
 
-    def __len__(self) -> int:  # the number of pairs
-        return int(self.rows.numel())
+    def firing(self) -> torch.Tensor:
+        """Which pairs fire (all, when ``fires`` is None). ``-> [pairs]`` bool."""
+        return torch.ones_like(self.rows, dtype=torch.bool) if self.fires is None else self.fires
+
+    def counts(self, n_latents: int) -> torch.Tensor:
+        """Fired pairs per latent, without a host read. ``-> [n_latents]`` long."""
+        counts = torch.zeros(n_latents, dtype=torch.long, device=self.cols.device)
+        return counts.index_add_(0, self.cols, self.firing().long())
 
 
 def no_entries(like: torch.Tensor) -> Entries:
@@ -52,8 +65,11 @@ def entries_from_flat(flat: torch.Tensor, n_latents: int) -> Entries:
 
 
 def positive_entries(scores: torch.Tensor, entries: Entries) -> Entries:
-    """The entries whose score is strictly positive (only those fire)."""
+    """The entries whose score is strictly positive (only those fire): kept, where host reads are
+    free; else all entries, marked in ``fires``."""
     keep = scores[entries.rows, entries.cols] > 0
+    if not host_reads_are_free(scores):
+        return Entries(entries.rows, entries.cols, keep)
     return Entries(entries.rows[keep], entries.cols[keep])
 
 
@@ -92,14 +108,19 @@ def mutual_choice_entries(scores: torch.Tensor, budget: int) -> Entries:
     per_row = min(rows_view.shape[1], math.ceil(budget / rows_view.shape[0]))
     shortlist = rows_view.topk(per_row, dim=1, sorted=False).values.reshape(-1)
     # The budget-th largest shortlisted score: no more than the budget-th largest of all scores.
-    cut = float(shortlist.kthvalue(shortlist.numel() - budget + 1).values)
-    candidates = (rows_view >= cut if cut > 0 else rows_view > 0).nonzero()
+    # Only positive scores fire, so the candidates are those at or above the cut and above 0.
+    cut = shortlist.kthvalue(shortlist.numel() - budget + 1).values
+    smallest_positive = torch.nextafter(cut.new_zeros(()), cut.new_ones(()))
+    candidates = (rows_view >= torch.maximum(cut, smallest_positive)).nonzero()  # the one host read
     values = rows_view[candidates[:, 0], candidates[:, 1]]
     if latent_major:
         candidates = candidates.flip(1)
     flat, order = (candidates[:, 0] * n_latents + candidates[:, 1]).sort()
     keep = top_m_mask(values[order][:, None], budget, dim=0)[:, 0]
-    return entries_from_flat(flat[keep], n_latents)
+    # Exactly min(budget, candidates) are kept (a size known here): take them in flat order.
+    n_kept = min(budget, flat.shape[0])
+    kept = torch.sort(keep.to(torch.uint8), descending=True, stable=True).indices[:n_kept]
+    return entries_from_flat(flat[kept], n_latents)
 
 
 def feature_choice_entries(scores: torch.Tensor, counts: torch.Tensor) -> Entries:
@@ -153,7 +174,7 @@ def mutual_choice_entries_over_ranks(scores: torch.Tensor, budget: int) -> Entri
     full = min(budget, scores.numel())
     first = min(full, math.ceil(FIRST_ROUND_SHARE * budget / world_size()))
     for n_sent in dict.fromkeys((first, full)):
-        local = mutual_choice_entries(scores, n_sent)  # flat order, positive scores only
+        local = mutual_choice_entries(scores, n_sent)  # flat order, positive scores only (no fires)
         values = scores[local.rows, local.cols]
         sent = torch.cat([values, values.new_full((n_sent - values.shape[0],), -torch.inf)])
         groups = torch.zeros(n_sent, dtype=torch.long, device=scores.device)
@@ -176,7 +197,7 @@ def feature_choice_entries_over_ranks(scores: torch.Tensor, counts: torch.Tensor
     n_tokens, n_latents = scores.shape
     counts = counts.to(scores.device, torch.long)
     n_sent = counts.clamp(0, n_tokens)
-    local = feature_choice_entries(scores, n_sent)  # positive scores only
+    local = _firing_only(feature_choice_entries(scores, n_sent))
     order = (local.cols * n_tokens + local.rows).argsort()  # latent by latent, tokens in order
     rows, cols = local.rows[order], local.cols[order]
     values = scores[rows, cols]
@@ -188,6 +209,13 @@ def feature_choice_entries_over_ranks(scores: torch.Tensor, counts: torch.Tensor
     boundary, taken, _ = joined_boundaries(sent, groups, counts)  # full lists: exact
     keep = _joined_keep(values, cols, boundary, taken)
     return entries_from_flat(rows[keep] * n_latents + cols[keep], n_latents)
+
+
+def _firing_only(entries: Entries) -> Entries:
+    """The entries that fire, as a list of those only (a host read where ``fires`` is set)."""
+    if entries.fires is None:
+        return entries
+    return Entries(entries.rows[entries.fires], entries.cols[entries.fires])
 
 
 def _joined_keep(
@@ -205,19 +233,20 @@ def _joined_keep(
     return (values > at) | (tied & (tie_rank <= taken[groups]))
 
 
-def fired_entries(feature_acts: torch.Tensor) -> tuple[Entries, torch.Tensor]:
-    """The fired pairs of activations ``[..., F]`` (dense or sparse COO) and their values."""
+def firing_statistics(feature_acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per latent, how many pairs fired and the smallest fired activation (inf where none), from
+    activations ``[..., F]``, dense or sparse COO (coalesced); computed without a host read. ``-> ([F], [F])``."""
     n_latents = feature_acts.shape[-1]
-    if feature_acts.is_sparse:
-        acts = feature_acts.detach().coalesce()
-        indices, values = acts.indices(), acts.values()
-        strides = torch.tensor(acts.shape[:-1], device=indices.device).flip(0).cumprod(0).flip(0)
-        rows = (indices[:-2] * strides[1:, None]).sum(0) + indices[-2]
-        entries = Entries(rows, indices[-1])
-    else:
-        flat_acts = feature_acts.detach().reshape(-1, n_latents)
-        where = flat_acts.nonzero()
-        entries = Entries(where[:, 0], where[:, 1])
-        values = flat_acts[entries.rows, entries.cols]
+    acts = feature_acts.detach()
+    if not acts.is_sparse:
+        flat = acts.reshape(-1, n_latents)
+        fired = flat > 0
+        return fired.sum(0), torch.where(fired, flat, torch.inf).amin(0)
+    acts = acts.coalesce()
+    cols, values = acts.indices()[-1], acts.values()
     fired = values > 0
-    return Entries(entries.rows[fired], entries.cols[fired]), values[fired]
+    counts = torch.zeros(n_latents, dtype=torch.long, device=cols.device).index_add_(0, cols, fired.long())
+    smallest = values.new_full((n_latents,), torch.inf).scatter_reduce_(
+        0, cols, torch.where(fired, values, torch.inf), "amin"
+    )
+    return counts, smallest

@@ -27,8 +27,12 @@ from sae_mutual_choice.selection import Entries
 
 
 def _bag_offsets(groups: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """Start of each group in a list sorted by group id (``embedding_bag`` offsets). ``-> [n_groups]``."""
-    sizes = torch.bincount(groups, minlength=n_groups)
+    """Start of each group in a list sorted by group id (``embedding_bag`` offsets). ``-> [n_groups]``.
+
+    Counted with ``index_add_``, not ``bincount``, which reads the largest id on the host on CUDA.
+    """
+    sizes = torch.zeros(n_groups, dtype=groups.dtype, device=groups.device)
+    sizes.index_add_(0, groups, torch.ones_like(groups))
     return sizes.cumsum(0) - sizes
 
 
@@ -111,6 +115,8 @@ class SparseStep:
         with torch.no_grad():
             entries: Entries = sae.select_entries(self.hidden_pre)
         acts = self.scores_at(entries.rows, entries.cols)
+        if entries.fires is not None:  # a fixed-size selection: pairs that do not fire count 0
+            acts = torch.where(entries.fires, acts, acts.new_zeros(()))
         recons = self.decode(entries.rows, entries.cols, acts) + sae.b_dec
         sae_out = sae.run_time_activation_norm_fn_out(sae.hook_sae_recons(recons))
         mse_loss = sae.mse_loss_fn(sae_out, sae_in).sum(dim=-1).mean()

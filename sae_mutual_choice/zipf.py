@@ -31,20 +31,30 @@ def fit_zipf(statistic: torch.Tensor, fit_fraction: float) -> tuple[float, float
     least-squares fit (their logarithm is undefined). The paper reports that latent densities
     follow a Zipf law except at the low-density end, so the head is where the law is fitted and
     the tail is what it is compared against. Returns ``(exponent, log_scale)``; ``(0.0, -inf)``
-    when fewer than two positive points are available.
+    when fewer than two positive points are available. :func:`fitted_zipf` is the same fit as
+    device scalars, without a host read.
     """
+    exponent, log_scale = fitted_zipf(statistic, fit_fraction)
+    return float(exponent), float(log_scale)
+
+
+def fitted_zipf(statistic: torch.Tensor, fit_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fit_zipf` as float64 scalars on ``statistic``'s device: a least-squares fit weighted by
+    positivity (zeros weigh nothing), so no host read decides which points count."""
     values = torch.sort(statistic.detach().double().flatten(), descending=True).values
     head = values[: max(1, math.ceil(fit_fraction * values.numel()))]
-    ranks = torch.arange(1, head.numel() + 1, dtype=torch.float64, device=head.device)
+    x = torch.arange(1, head.numel() + 1, dtype=torch.float64, device=head.device).log()
     positive = head > 0
-    if int(positive.sum()) < 2:
-        return 0.0, -math.inf
-    x = ranks[positive].log()
-    y = head[positive].log()
-    x_centred = x - x.mean()
-    slope = float((x_centred * (y - y.mean())).sum() / x_centred.pow(2).sum())
-    log_scale = float(y.mean() - slope * x.mean())
-    return -slope, log_scale
+    weight = positive.double()
+    y = torch.where(positive, head, 1.0).log()
+    n = weight.sum()
+    x_mean = (weight * x).sum() / n.clamp(min=1)
+    y_mean = (weight * y).sum() / n.clamp(min=1)
+    x_centred = weight * (x - x_mean)
+    spread = x_centred.pow(2).sum()
+    slope = (x_centred * (y - y_mean)).sum() / spread.clamp(min=torch.finfo(torch.float64).tiny)
+    fitted = n >= 2
+    return torch.where(fitted, -slope, 0.0), torch.where(fitted, y_mean - slope * x_mean, -math.inf)
 
 
 def zipf_capacities(

@@ -9,14 +9,18 @@ from sae_lens.saes.sae import TrainingSAE, TrainStepInput, TrainStepOutput
 
 
 def step_input(
-    x: torch.Tensor, dead: torch.Tensor | None = None, coefficients: dict[str, float] | None = None
+    x: torch.Tensor,
+    dead: torch.Tensor | None = None,
+    coefficients: dict[str, float] | None = None,
+    step: int = 0,
+    logging: bool = False,
 ) -> TrainStepInput:
     return TrainStepInput(
         sae_in=x,
         coefficients=coefficients or {},
         dead_neuron_mask=dead,
-        n_training_steps=0,
-        is_logging_step=False,
+        n_training_steps=step,
+        is_logging_step=logging,
     )
 
 

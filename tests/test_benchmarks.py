@@ -54,7 +54,7 @@ def test_full_benchmark_configs_build_every_sae():
     real_activations = importlib.import_module("real_activations")
 
     for path in sorted((ROOT / "configs" / "benchmarks").glob("synthetic*.yaml")):  # with the diagnosis ones
-        settings = synthetic.load_settings(path, quick=False)
+        settings = synthetic.expand_lr_sweep(synthetic.load_settings(path, quick=False))
         for variant in settings["variants"].values():
             assert synthetic.sae_config(settings, variant).d_sae == settings["d_sae"]
     settings = real_activations.load_settings(
@@ -87,3 +87,24 @@ def test_settings_overrides(tmp_path):
         load_settings(path, quick=False, overrides=["runner.lr"])
     with pytest.raises(ValueError, match="no section 'model'"):
         load_settings(path, quick=False, overrides=["model.name=x"])
+
+
+def test_synthetic_learning_rate_sweep_expands_and_keeps_the_best():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    synthetic = importlib.import_module("synthetic")
+    settings = {
+        "lr": 1e-3,
+        "variants": {"topk": {"architecture": "topk"}, "fc": {"architecture": "feature_choice"}},
+        "lr_sweep": {"lrs": [1e-4, 1e-2], "variants": ["topk"]},
+    }
+    expanded = synthetic.expand_lr_sweep(settings)
+    assert list(expanded["variants"]) == ["topk, lr 0.0001", "topk, lr 0.01", "fc"]
+    assert expanded["variants"]["topk, lr 0.01"] == {"architecture": "topk", "lr": 1e-2}
+    summary = [
+        {"variant": "topk, lr 0.0001", "explained_variance": 0.7},
+        {"variant": "topk, lr 0.01", "explained_variance": 0.6},
+        {"variant": "fc", "explained_variance": 0.5},
+    ]
+    assert [s["variant"] for s in synthetic.best_of_sweep(expanded, summary)] == ["topk, lr 0.0001", "fc"]
+    with pytest.raises(ValueError, match=r"lr_sweep\.variants"):
+        synthetic.expand_lr_sweep({**settings, "lr_sweep": {"lrs": [1e-3], "variants": ["batchtopk"]}})

@@ -1,5 +1,6 @@
 """The sparse training step against the dense reference, and fast selection against the dense rules."""
 
+import contextlib
 from functools import partial
 from typing import Any
 
@@ -10,10 +11,11 @@ from sae_lens.registry import get_sae_training_class
 
 import sae_mutual_choice  # noqa: F401  (registers the architectures)
 from sae_mutual_choice.allocation import feature_choice, mutual_choice, token_choice
+from sae_mutual_choice.host_reads import sync_free
 from sae_mutual_choice.selection import (
     Entries,
     feature_choice_entries,
-    fired_entries,
+    firing_statistics,
     mutual_choice_entries,
     token_choice_entries,
 )
@@ -27,8 +29,17 @@ def _pairs(acts: torch.Tensor) -> Entries:
 
 
 def _assert_same_entries(fast: Entries, dense: Entries) -> None:
-    assert torch.equal(fast.rows, dense.rows)
-    assert torch.equal(fast.cols, dense.cols)
+    """The same firing pairs (a fixed-size selection marks the others in ``fires``)."""
+    fires = fast.firing()
+    assert torch.equal(fast.rows[fires], dense.rows)
+    assert torch.equal(fast.cols[fires], dense.cols)
+
+
+@pytest.fixture(params=["host reads", "sync-free"])
+def host_path(request):
+    """Each selection test runs on both paths (:mod:`sae_mutual_choice.host_reads`)."""
+    with sync_free() if request.param == "sync-free" else contextlib.nullcontext():
+        yield request.param
 
 
 def _random_scores(generator: torch.Generator, tied: bool) -> torch.Tensor:
@@ -40,7 +51,7 @@ def _random_scores(generator: torch.Generator, tied: bool) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_fast_selection_equals_the_dense_rules(tied):
+def test_fast_selection_equals_the_dense_rules(tied, host_path):
     generator = torch.Generator().manual_seed(int(tied))
     for _ in range(150):
         scores = _random_scores(generator, tied)
@@ -57,7 +68,7 @@ def test_fast_selection_equals_the_dense_rules(tied):
             )
 
 
-def test_fallbacks_are_exercised_and_exact():
+def test_fallbacks_are_exercised_and_exact(host_path):
     """Ties across every Token Choice boundary and past every Feature Choice shortlist width."""
     scores = torch.ones(6, 40)
     scores[:, ::3] = 2.0
@@ -72,13 +83,20 @@ def test_fallbacks_are_exercised_and_exact():
     assert int((mutual_choice_entries(skewed, 64).rows == 5).sum()) == 32
 
 
-def test_fired_entries_reads_dense_and_sparse_activations():
+def test_firing_statistics_read_dense_and_sparse_activations():
     acts = torch.relu(torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0)))
-    dense_entries, dense_values = fired_entries(acts)
-    sparse_entries, sparse_values = fired_entries(acts.to_sparse())
-    _assert_same_entries(sparse_entries, dense_entries)
-    assert torch.equal(sparse_values, dense_values)
-    assert torch.equal(dense_values, acts.reshape(6, 5)[dense_entries.rows, dense_entries.cols])
+    acts[..., 4] = 0.0  # a latent that never fires
+    counts, smallest = firing_statistics(acts)
+    flat = acts.reshape(6, 5)
+    assert torch.equal(counts, (flat > 0).sum(0))
+    expected = torch.tensor([float(c[c > 0].min()) if (c > 0).any() else torch.inf for c in flat.t()])
+    assert torch.equal(smallest, expected)
+    # Sparse, with an explicit zero (a selected pair that does not fire): the same figures.
+    sparse = acts.to_sparse()
+    indices = torch.cat([sparse.indices(), torch.tensor([[0], [0], [4]])], dim=1)
+    with_zero = torch.sparse_coo_tensor(indices, torch.cat([sparse.values(), torch.zeros(1)]), acts.shape)
+    for statistic, reference in zip(firing_statistics(with_zero.coalesce()), (counts, smallest), strict=True):
+        assert torch.equal(statistic, reference)
 
 
 def _pair_of_saes(architecture: str, **fields: Any) -> tuple[Any, Any]:
