@@ -60,7 +60,6 @@ class AllocationSAEMixin:
     training_only_buffers: list[str]
     latent_usage: torch.Tensor
     latent_usage_weight: torch.Tensor
-    first_nonfinite_step: torch.Tensor
 
     def _init_allocation_state(self) -> None:
         self.training_only_buffers = []
@@ -72,10 +71,9 @@ class AllocationSAEMixin:
         # Ranks the current training step's batch is split over (1 outside a data-parallel step).
         self.step_ranks = 1
         self.in_training_step = False  # inputs checked by check_training_inputs, not by encode
-        # The first training step (since this SAE was built or loaded) with non-finite inputs; -1: none.
-        self.register_buffer(  # type: ignore[attr-defined]
-            "first_nonfinite_step", torch.tensor(-1, device=self.W_dec.device), persistent=False
-        )
+        # The first training step (since this SAE was built or loaded) with non-finite inputs, on the
+        # inputs' device; -1 or None: none. Not a buffer: SAELens may build SAEs on the meta device.
+        self.first_nonfinite_step: torch.Tensor | None = None
 
     def register_training_buffer(self, name: str, value: torch.Tensor) -> None:
         """A persistent buffer that checkpoints keep and the inference export drops."""
@@ -102,13 +100,15 @@ class AllocationSAEMixin:
             return
         step = step_input.n_training_steps
         record = self.first_nonfinite_step
+        if record is None or record.device != x.device:
+            record = self.first_nonfinite_step = torch.tensor(-1, device=x.device)
         record.copy_(torch.where((record < 0) & ~torch.isfinite(x).all(), step, record))
         if step_input.is_logging_step or step % NONFINITE_CHECK_INTERVAL == 0:
             self.raise_on_nonfinite_inputs()
 
     def raise_on_nonfinite_inputs(self) -> None:
         """Raise ``ValueError`` if a training step since this SAE was built or loaded had NaN/inf inputs (a host read)."""
-        step = int(self.first_nonfinite_step)
+        step = -1 if self.first_nonfinite_step is None else int(self.first_nonfinite_step)
         if step >= 0:
             raise ValueError(
                 f"{NONFINITE_MESSAGE} (first at training step {step}); the weights trained since are not usable"
