@@ -28,7 +28,7 @@ from sae_mutual_choice.selection import (
     mutual_choice_entries_over_ranks,
 )
 from sae_mutual_choice.thresholds import JumpReLUExportMixin
-from sae_mutual_choice.zipf import demand_capacities, fit_zipf, round_capacities, zipf_capacities
+from sae_mutual_choice.zipf import demand_capacities, fitted_zipf, round_capacities, zipf_capacities
 
 CAPACITIES = ("uniform", "zipf", "demand")
 
@@ -94,16 +94,15 @@ class FeatureChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, TopKTrai
         # A bound method (not a closure), so that deepcopy rebinds it to the copy.
         return self.allocate_over_tokens
 
-    def capacity_exponent(self) -> float:
-        """The Zipf exponent the capacities use now (0 for uniform capacities)."""
+    def capacity_exponent(self) -> float | torch.Tensor:
+        """The Zipf exponent the capacities use now (0 for uniform capacities); fitted on the device."""
         if self.cfg.capacity == "uniform":
             return 0.0
         if self.cfg.zipf_exponent is not None:
             return self.cfg.zipf_exponent
-        if float(self.latent_demand_weight) == 0:
-            return 0.0
         demand = debiased(self.latent_demand, self.latent_demand_weight)
-        return max(0.0, fit_zipf(demand, self.cfg.zipf_fit_fraction)[0])
+        fitted = fitted_zipf(demand, self.cfg.zipf_fit_fraction)[0].clamp(min=0)
+        return torch.where(self.latent_demand_weight > 0, fitted, 0.0)  # no demand yet: uniform
 
     def capacities(self, n_tokens: int) -> torch.Tensor:
         """Real-valued capacities of a batch of ``n_tokens`` tokens; sum to its budget. ``-> [F]`` float64."""

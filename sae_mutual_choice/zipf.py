@@ -18,7 +18,7 @@ def ranks_of(statistic: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
-def zipf_shares(n: int, exponent: float, device: torch.device | str = "cpu") -> torch.Tensor:
+def zipf_shares(n: int, exponent: float | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """Shares of ranks ``1..n`` under a Zipf law with ``exponent``; float64, sums to 1. ``-> [n]``."""
     weights = torch.arange(1, n + 1, device=device, dtype=torch.float64).pow(-exponent)
     return weights / weights.sum()
@@ -61,7 +61,7 @@ def zipf_capacities(
     demand: torch.Tensor,
     budget: int,
     n_tokens: int,
-    exponent: float,
+    exponent: float | torch.Tensor,
     min_capacity_ratio: float,
 ) -> torch.Tensor:
     """Real-valued per-latent capacities for one batch. ``[F] -> [F]`` (float64).
@@ -84,8 +84,9 @@ def demand_capacities(
     more, where a Zipf law fitted to the head can offer its top ranks the whole batch.
     """
     total = demand.double().sum()
-    shares = (
-        demand.double() / total if float(total) > 0 else torch.full_like(demand, 1 / demand.numel()).double()
+    uniform = torch.full_like(demand, 1 / demand.numel(), dtype=torch.float64)
+    shares = torch.where(
+        total > 0, demand.double() / total.clamp(min=torch.finfo(torch.float64).tiny), uniform
     )
     return capacities_from_shares(shares, budget, n_tokens, min_capacity_ratio)
 
@@ -104,16 +105,21 @@ def capacities_from_shares(
     if budget > n_latents * n_tokens:
         raise ValueError(f"budget {budget} exceeds n_latents * n_tokens = {n_latents * n_tokens}")
     shares = min_capacity_ratio / n_latents + (1 - min_capacity_ratio) * shares.double()
-    capped = torch.zeros(n_latents, dtype=torch.bool, device=shares.device)
-    capacities = shares * budget
-    while True:
-        over = (capacities > n_tokens) & ~capped
-        if not bool(over.any()):
-            return capacities
-        capped |= over
-        remaining = budget - n_tokens * int(capped.sum())
-        free_shares = torch.where(capped, 0.0, shares)
-        capacities = torch.where(capped, float(n_tokens), free_shares * (remaining / free_shares.sum()))
+    # Water filling in closed form (no host read): with the c largest shares capped at n_tokens, the
+    # others share budget - c * n_tokens in proportion; c is the smallest count at which the largest
+    # uncapped capacity fits under the cap (capping only raises the others' level, so the loop that
+    # caps whatever exceeds, level by level, stops at that same c).
+    ordered = torch.sort(shares, descending=True, stable=True)
+    counts = torch.arange(n_latents, device=shares.device, dtype=torch.float64)
+    rest = ordered.values.flip(0).cumsum(0).flip(0)  # shares of ranks c+1.. (summed smallest first)
+    fits = ordered.values * (budget - counts * n_tokens) <= n_tokens * rest
+    n_capped = fits.to(torch.uint8).argmax()  # the first c that fits (c = n_latents - 1 always does)
+    capped = torch.empty_like(fits).scatter_(0, ordered.indices, counts < n_capped)
+    free_shares = torch.where(capped, 0.0, shares)
+    remaining = budget - n_tokens * n_capped.double()
+    level = torch.where(free_shares.sum() > 0, remaining / free_shares.sum(), 0.0)
+    uncapped = torch.where(n_capped > 0, free_shares * level, shares * budget)  # none capped: as they are
+    return torch.where(capped, float(n_tokens), uncapped)
 
 
 def round_capacities(
@@ -132,14 +138,16 @@ def round_capacities(
     target = capacities.double() + carry.double()
     rounded = target.floor().clamp(0, n_tokens)
     remainder = target - rounded
-    shortfall = budget - int(rounded.sum())
-    if shortfall > 0:
-        room = torch.where(rounded < n_tokens, remainder, -math.inf)
-        order = torch.sort(room, descending=True, stable=True).indices
-        rounded[order[:shortfall]] += 1
-    elif shortfall < 0:
-        # Only reachable through float drift of the carry; take back from the smallest remainders.
-        room = torch.where(rounded > 0, remainder, math.inf)
-        order = torch.sort(room, stable=True).indices
-        rounded[order[:-shortfall]] -= 1
+    shortfall = budget - rounded.sum()  # a device value: both corrections below are computed, one applies
+    # One more for the largest remainders (ties to the lower index) among latents under the cap...
+    up = _rank(torch.where(rounded < n_tokens, remainder, -math.inf), descending=True) < shortfall
+    # ...or, only through float drift of the carry, one less for the smallest among latents above 0.
+    down = _rank(torch.where(rounded > 0, remainder, math.inf), descending=False) < -shortfall
+    rounded = rounded + up.double() - down.double()
     return rounded.long(), target - rounded
+
+
+def _rank(values: torch.Tensor, descending: bool) -> torch.Tensor:
+    """0-based position of every entry in a stable sort of ``values``. ``[F] -> [F]``."""
+    order = torch.sort(values, descending=descending, stable=True).indices
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))

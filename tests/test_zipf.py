@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sae_mutual_choice.zipf import (
+    capacities_from_shares,
     demand_capacities,
     fit_zipf,
     ranks_of,
@@ -123,3 +124,34 @@ def test_fractional_capacities_rotate_so_every_latent_is_served():
 def test_budget_larger_than_the_batch_is_refused():
     with pytest.raises(ValueError, match="budget"):
         zipf_capacities(torch.zeros(3), budget=10, n_tokens=3, exponent=1.0, min_capacity_ratio=0.0)
+
+
+def _water_filling(shares: torch.Tensor, budget: int, n_tokens: int) -> torch.Tensor:
+    """The reference: cap whatever exceeds the batch, share the rest in proportion, until nothing exceeds."""
+    capped = torch.zeros_like(shares, dtype=torch.bool)
+    capacities = shares * budget
+    while bool(((capacities > n_tokens) & ~capped).any()):
+        capped |= capacities > n_tokens
+        free = torch.where(capped, 0.0, shares)
+        capacities = torch.where(
+            capped, float(n_tokens), free * ((budget - n_tokens * int(capped.sum())) / free.sum())
+        )
+    return capacities
+
+
+def test_closed_form_water_filling_equals_the_loop():
+    """capacities_from_shares caps without a host read; it caps the same latents as the loop, to the ulp."""
+    generator = torch.Generator().manual_seed(0)
+    capped_cases = 0
+    for _ in range(300):
+        n_latents = int(torch.randint(1, 200, (), generator=generator))
+        n_tokens = int(torch.randint(1, 100, (), generator=generator))
+        budget = int(torch.randint(0, n_latents * n_tokens + 1, (), generator=generator))
+        shares = torch.rand(n_latents, generator=generator, dtype=torch.float64) ** 6
+        shares /= shares.sum()
+        ours = capacities_from_shares(shares, budget, n_tokens, min_capacity_ratio=0.0)
+        reference = _water_filling(shares, budget, n_tokens)
+        torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-9)
+        assert torch.equal(ours == n_tokens, reference == n_tokens)
+        capped_cases += int(bool((reference == n_tokens).any()))
+    assert capped_cases > 50  # the cap was exercised
