@@ -14,9 +14,10 @@ ROOT = Path(__file__).parent.parent
 RESULTS_MD = ROOT / "docs" / "results.md"
 
 
-def parse_arguments(description: str, name: str) -> argparse.Namespace:
+def parse_arguments(description: str, name: str, combine: bool = False) -> argparse.Namespace:
     """``--config`` (default configs/benchmarks/NAME.yaml), ``--quick``, ``--out`` (default
-    docs/results/CONFIG-STEM[-quick].json), ``--render FILE.json`` and ``--set KEY=VALUE`` overrides."""
+    docs/results/CONFIG-STEM[-quick].json), ``--render FILE.json`` and ``--set KEY=VALUE`` overrides;
+    with ``combine``, ``--combine FILE.json...`` too."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "benchmarks" / f"{name}.yaml")
     parser.add_argument("--quick", action="store_true", help="the config's 'quick' overrides (a smoke run)")
@@ -26,6 +27,10 @@ def parse_arguments(description: str, name: str) -> argparse.Namespace:
     parser.add_argument(
         "--render", type=Path, default=None, help="only rewrite docs/results.md from this JSON"
     )
+    if combine:
+        parser.add_argument(
+            "--combine", type=Path, nargs="+", default=None, help="one table from these runs' JSON files"
+        )
     parser.add_argument(
         "--set",
         dest="overrides",

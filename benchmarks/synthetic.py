@@ -8,6 +8,7 @@ dead latents, L0; plus how per-sample L0 tracks the true number of active featur
 
     python benchmarks/synthetic.py [--quick] [--config configs/benchmarks/synthetic.yaml] [--out FILE.json]
     python benchmarks/synthetic.py --render docs/results/synthetic.json   # docs/results.md from the JSON
+    python benchmarks/synthetic.py --combine A.json B.json --out C.json   # one table from several runs
 
 Prints one row per variant (mean ± sd over seeds), writes every run's figures as JSON and, for the full
 run, its table into docs/results.md (section "synthetic").
@@ -222,8 +223,29 @@ def table(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def combine(paths: list[Path], out: Path) -> None:
+    """Print one table (and the best of each learning-rate sweep) from the rows of several runs' JSON
+    files, for example a sweep on one seed and the chosen rates on more, and write them to ``out``."""
+    runs = [json.loads(path.read_text()) for path in paths]
+    rows = [row for run in runs for row in run["rows"]]
+    sweep_variants = [v for run in runs for v in (run["settings"].get("lr_sweep") or {}).get("variants", [])]
+    sweep = {"lr_sweep": {"variants": list(dict.fromkeys(sweep_variants))}} if sweep_variants else {}
+    summary = summarise(rows)
+    print(table(summary))
+    if sweep:
+        print("\nbest learning rate of each swept variant (highest mean explained variance):\n")
+        print(table(best_of_sweep(sweep, summary)))
+    wall = sum(run["wall_seconds"] for run in runs)
+    payload = {"combined": [str(p) for p in paths], "rows": rows, "wall_seconds": wall, "summary": summary}
+    out.write_text(json.dumps(payload, indent=1))
+    print(f"\nwrote {out} ({wall / 60:.0f} min of runs)")
+
+
 def main() -> None:
-    args = parse_arguments((__doc__ or "").splitlines()[0], "synthetic")
+    args = parse_arguments((__doc__ or "").splitlines()[0], "synthetic", combine=True)
+    if args.combine:
+        combine(args.combine, args.out)
+        return
     if args.render:
         done = json.loads(args.render.read_text())
         write_section(
