@@ -32,12 +32,13 @@ def top_m_mask(scores: torch.Tensor, m: torch.Tensor | int, dim: int) -> torch.T
     """
     n = scores.shape[dim]
     other = scores.shape[1 - dim]
-    counts = torch.as_tensor(m, device=scores.device, dtype=torch.long).clamp(0, n)
-    counts = counts.expand(other).unsqueeze(dim)
-    if isinstance(m, int):
+    if isinstance(m, int):  # filled on the device, not copied from the host (a copy would sync on CUDA)
+        counts = scores.new_full((), min(max(m, 0), n), dtype=torch.long)
         m_max = min(max(m, 0), n) if other else 0
     else:
+        counts = m.to(scores.device, torch.long).clamp(0, n)
         m_max = int(counts.max()) if counts.numel() else 0
+    counts = counts.expand(other).unsqueeze(dim)
     if m_max == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     top_values = scores.topk(m_max, dim=dim, sorted=True).values
