@@ -53,8 +53,9 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def training_sae(architecture: str, sparse: bool, aux: str) -> Any:
-    """The SAE whose steps are counted: d_in 64, width 1024, k 16 (SAELens's architectures take no ``sparse``/``aux``)."""
+def training_sae(architecture: str, sparse: bool, aux: str, **more: Any) -> Any:
+    """The SAE whose steps are counted: d_in 64, width 1024, k 16, and ``more`` fields (SAELens's
+    architectures take no ``sparse``/``aux``)."""
     sae_class, config_class = get_sae_training_class(architecture)
     fields: dict[str, Any] = {
         "d_in": 64,
@@ -63,7 +64,7 @@ def training_sae(architecture: str, sparse: bool, aux: str) -> Any:
     }
     if architecture in ("token_choice", "mutual_choice", "feature_choice"):
         fields.update(sparse_training=sparse, aux_loss=aux)
-    return sae_class(config_class(**fields))
+    return sae_class(config_class(**fields, **more))
 
 
 def count_syncs(

@@ -38,8 +38,9 @@ class FeatureChoiceTrainingSAEConfig(MutualChoiceTrainingSAEConfig):
     """Mutual Choice's fields (``k``: mean latents per token, the budget) plus the capacity shape.
 
     Args:
-        capacity: ``"zipf"`` (capacities follow a Zipf law over demand ranks), ``"uniform"``, or
-            ``"demand"`` (capacities in proportion to the measured demand itself; docs/method.md).
+        capacity: ``"demand"`` (capacities in proportion to each latent's measured demand, the
+            default: docs/method.md, "Defaults"), ``"zipf"`` (a Zipf law over demand ranks, the
+            paper's shape) or ``"uniform"``.
         zipf_exponent: the Zipf exponent (>= 0), or None to fit it to the demand curve as
             training goes.
         min_capacity_ratio: every latent's capacity is at least this share (in [0, 1]) of the
@@ -47,7 +48,7 @@ class FeatureChoiceTrainingSAEConfig(MutualChoiceTrainingSAEConfig):
     """
 
     aux_loss: AuxLoss = field(default="aux_zipf", kw_only=True)  # docs/method.md, "Defaults"
-    capacity: Literal["uniform", "zipf", "demand"] = "zipf"
+    capacity: Literal["uniform", "zipf", "demand"] = "demand"
     zipf_exponent: float | None = None
     min_capacity_ratio: float = 0.1
 

@@ -122,12 +122,17 @@ def _batch(step: int) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("architecture", [*ARCHITECTURES, "feature_choice:zipf", "feature_choice:uniform"])
 @pytest.mark.parametrize("rescale", [False, True])
 @pytest.mark.parametrize("aux_loss", ["aux_zipf", "aux_k", "none"])
 def test_sparse_step_equals_the_dense_step(architecture, rescale, aux_loss):
-    """Losses, every parameter gradient and the running statistics, over 3 optimiser steps."""
-    dense, sparse = _pair_of_saes(architecture, rescale_acts_by_decoder_norm=rescale, aux_loss=aux_loss)
+    """Losses, every parameter gradient and the running statistics, over 3 optimiser steps
+    (Feature Choice with each capacity shape; ``ARCH:CAPACITY``)."""
+    architecture, _, capacity = architecture.partition(":")
+    fields = {"capacity": capacity} if capacity else {}
+    dense, sparse = _pair_of_saes(
+        architecture, rescale_acts_by_decoder_norm=rescale, aux_loss=aux_loss, **fields
+    )
     close = partial(torch.testing.assert_close, rtol=1e-4, atol=1e-6)
     per_token_l0 = []
     for step in range(3):

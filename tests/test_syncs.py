@@ -78,14 +78,17 @@ def test_no_more_syncs_than_saelens_topk_on_cuda(architecture, sparse, aux):
     assert ours["cuda (debug mode)"] <= topk["cuda (debug mode)"]
 
 
-@pytest.mark.parametrize(("architecture", "sparse", "aux"), CASES)
+@pytest.mark.parametrize(
+    ("architecture", "sparse", "aux"), [*CASES, ("feature_choice:zipf", True, "aux_zipf")]
+)
 def test_the_sync_free_path_trains_as_the_host_read_path(architecture, sparse, aux):
     """Five Adam steps (with dead and under-used latents) from the same start: the same losses and
-    weights whether the step may read values on the host or not."""
+    weights whether the step may read values on the host or not (``ARCH:CAPACITY`` for Feature Choice)."""
+    architecture, _, capacity = architecture.partition(":")
     saes = []
     for forced in (False, True):
         torch.manual_seed(0)
-        sae = syncs.training_sae(architecture, sparse, aux)
+        sae = syncs.training_sae(architecture, sparse, aux, **({"capacity": capacity} if capacity else {}))
         optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
         dead = torch.arange(sae.cfg.d_sae) % 20 == 0
         losses = []
@@ -99,6 +102,9 @@ def test_the_sync_free_path_trains_as_the_host_read_path(architecture, sparse, a
             losses.append({name: float(value.detach()) for name, value in out.losses.items()})
         saes.append((sae, losses))
     (reference, reference_losses), (sae, losses) = saes
-    assert losses == pytest.approx(reference_losses, rel=1e-6)
+    for step, (ours, theirs) in enumerate(zip(losses, reference_losses, strict=True)):
+        assert ours.keys() == theirs.keys()
+        for name, value in theirs.items():
+            assert ours[name] == pytest.approx(value, rel=1e-6), f"step {step}: {name}"
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(sae.state_dict()[name], value, equal_nan=True, msg=name)

@@ -132,6 +132,11 @@ def test_batch_of_one_token(arch):
     assert int((dense_acts(out) > 0).sum()) <= 4
 
 
+def test_default_capacity_follows_the_evidence():
+    """docs/method.md "Defaults": Feature Choice's capacities in proportion to demand."""
+    assert _config("feature_choice").capacity == "demand"
+
+
 def test_default_aux_loss_follows_the_evidence():
     """docs/method.md "Defaults": AuxK for Token and Mutual Choice, aux_zipf for Feature Choice."""
     assert {arch: _config(arch).aux_loss for arch in CONFIGS} == {
