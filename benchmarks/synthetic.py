@@ -39,7 +39,14 @@ METRICS = ["mcc", "f1", "explained_variance", "dead_latents", "l0", "l0_tracks_t
 AT_K_METRICS = ["mcc_at_k", "f1_at_k", "explained_variance_at_k"]
 # Where the variance goes (SAELens's figures and one of ours): latents tracking distinct true features,
 # output/input norm, latents as detectors, and how many latents share their best-matching feature.
-DIAGNOSTIC_METRICS = ["uniqueness", "shrinkage", "precision", "recall", "shared_best_match"]
+DIAGNOSTIC_METRICS = [
+    "uniqueness",
+    "shrinkage",
+    "precision",
+    "recall",
+    "shared_best_match",
+    "live_uniqueness",
+]
 
 
 def sae_config(settings: dict[str, Any], variant: dict[str, Any]) -> Any:
@@ -79,6 +86,22 @@ def shared_best_match(decoder: torch.Tensor, features: torch.Tensor) -> int:
     )
     best = cosine.abs().argmax(dim=1)
     return int((torch.bincount(best, minlength=features.shape[0])[best] > 1).sum())
+
+
+@torch.no_grad()
+def live_uniqueness(sae: Any, model: SyntheticModel, n_samples: int) -> float:
+    """SAELens's uniqueness over the latents that fire on ``n_samples`` fresh samples only: dead latents keep
+    their random initial directions, which mostly best-match features no other latent has, so counting
+    them (as SAELens's figure does) raises the uniqueness of an SAE with many dead latents."""
+    hidden, _ = model.sample_with_features(n_samples)
+    live = (sae.encode(hidden) > 0).any(0)
+    if not bool(live.any()):
+        return float("nan")
+    cosine = (
+        torch.nn.functional.normalize(sae.W_dec[live], dim=-1)
+        @ torch.nn.functional.normalize(model.feature_dict.feature_vectors, dim=-1).t()
+    )
+    return cosine.abs().argmax(dim=1).unique().numel() / int(live.sum())
 
 
 def run_one(
@@ -142,6 +165,7 @@ def run_one(
         "precision": result.classification.precision,
         "recall": result.classification.recall,
         "shared_best_match": shared_best_match(sae.W_dec, model.feature_dict.feature_vectors),
+        "live_uniqueness": live_uniqueness(sae, model, min(settings["eval_samples"], 20_000)),
         "mcc_at_k": at_k_result.mcc,
         "f1_at_k": at_k_result.classification.f1_score,
         "explained_variance_at_k": at_k_result.explained_variance,
@@ -202,8 +226,15 @@ def table(summary: list[dict[str, Any]]) -> str:
     header = "| variant | MCC | F1 | explained var. | dead | L0 | r(L0, true L0) | samples/s |"
     header += "".join(f" {title} @k |" for title in ("MCC", "F1", "explained var.")[: len(at_k)])
     diagnostic = [m for m in DIAGNOSTIC_METRICS if all(m in s for s in summary)]  # runs before: none
-    titles = {"uniqueness": "unique", "shrinkage": "shrinkage", "precision": "precision", "recall": "recall"}
-    header += "".join(f" {titles.get(m, 'sharing best match')} |" for m in diagnostic)
+    titles = {
+        "uniqueness": "unique",
+        "shrinkage": "shrinkage",
+        "precision": "precision",
+        "recall": "recall",
+        "shared_best_match": "sharing best match",
+        "live_uniqueness": "unique (live)",
+    }
+    header += "".join(f" {titles[m]} |" for m in diagnostic)
     lines = [header, "|---|---|---|---|---|---|---|---|" + "---|" * (len(at_k) + len(diagnostic))]
     for s in summary:
         cells = [f"{s[m]:.3f} ± {s[m + '_sd']:.3f}" for m in ("mcc", "f1", "explained_variance")] + [
