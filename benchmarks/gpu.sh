@@ -2,7 +2,7 @@
 # The one GPU script: host-device syncs per step (the dispatch counter and CUDA's own sync debug mode,
 # and the CUDA-only tests), the training-step benchmark on CUDA in float32 and
 # under bf16 autocast (step time / SAELens topk, / batchtopk, / the encoder matmul; peak memory), and
-# the demo's four SAEs end to end on CUDA (training tokens/s in its run.json). About 5 minutes on one
+# the demo's five SAEs end to end on CUDA (training tokens/s in its run.json). About 5 minutes on one
 # H200-class GPU; every part has its own timeout, and the whole stays within 8 minutes.
 #
 #   bash benchmarks/gpu.sh [OUT_DIR]     # default results/gpu
