@@ -108,3 +108,32 @@ def test_synthetic_learning_rate_sweep_expands_and_keeps_the_best():
     assert [s["variant"] for s in synthetic.best_of_sweep(expanded, summary)] == ["topk, lr 0.0001", "fc"]
     with pytest.raises(ValueError, match=r"lr_sweep\.variants"):
         synthetic.expand_lr_sweep({**settings, "lr_sweep": {"lrs": [1e-3], "variants": ["batchtopk"]}})
+
+
+def test_synthetic_combine_joins_runs_into_one_summary(tmp_path, capsys):
+    """A sweep on one seed and the chosen rate on another: one row per variant over both runs."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    synthetic = importlib.import_module("synthetic")
+
+    def row(variant: str, seed: int, explained_variance: float) -> dict:
+        return {metric: 1.0 for metric in synthetic.METRICS} | {
+            "variant": variant,
+            "seed": seed,
+            "explained_variance": explained_variance,
+        }
+
+    sweep = {"lrs": [1e-3, 3e-3], "variants": ["topk"]}
+    first = {"settings": {"lr_sweep": sweep}, "wall_seconds": 60, "rows": [row("topk, lr 0.001", 0, 0.5)]}
+    first["rows"].append(row("topk, lr 0.003", 0, 0.7))
+    second = {"settings": {}, "wall_seconds": 60, "rows": [row("topk, lr 0.003", 1, 0.8)]}
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, run in zip(paths, (first, second), strict=True):
+        path.write_text(json.dumps(run))
+    synthetic.combine(paths, tmp_path / "combined.json")
+    summary = {s["variant"]: s for s in json.loads((tmp_path / "combined.json").read_text())["summary"]}
+    assert summary["topk, lr 0.003"]["seeds"] == 2
+    assert summary["topk, lr 0.003"]["explained_variance"] == pytest.approx(0.75)
+    best = capsys.readouterr().out.split("best learning rate")[1]
+    assert "topk, lr 0.003" in best and "topk, lr 0.001" not in best
