@@ -78,30 +78,32 @@ def l0_tracking(sae: Any, model: SyntheticModel, n_samples: int) -> float:
     return float(torch.corrcoef(torch.stack([l0, true]))[0, 1])
 
 
-@torch.no_grad()
-def shared_best_match(decoder: torch.Tensor, features: torch.Tensor) -> int:
-    """How many latents have a best-matching true feature (|cosine| of directions) that another latent also has."""
+def best_matches(decoder: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Each latent's best-matching true feature, by |cosine| of directions. ``[L, d], [N, d] -> [L]``."""
     cosine = (
         torch.nn.functional.normalize(decoder, dim=-1) @ torch.nn.functional.normalize(features, dim=-1).t()
     )
-    best = cosine.abs().argmax(dim=1)
+    return cosine.abs().argmax(dim=1)
+
+
+@torch.no_grad()
+def shared_best_match(decoder: torch.Tensor, features: torch.Tensor) -> int:
+    """How many latents have a best-matching true feature (|cosine| of directions) that another latent also has."""
+    best = best_matches(decoder, features)
     return int((torch.bincount(best, minlength=features.shape[0])[best] > 1).sum())
 
 
 @torch.no_grad()
 def live_uniqueness(sae: Any, model: SyntheticModel, n_samples: int) -> float:
     """SAELens's uniqueness over the latents that fire on ``n_samples`` fresh samples only: dead latents keep
-    their random initial directions, which mostly best-match features no other latent has, so counting
-    them (as SAELens's figure does) raises the uniqueness of an SAE with many dead latents."""
+    their random initial directions, which can best-match features no other latent has, so counting
+    them (as SAELens's figure does) can raise the uniqueness of an SAE with many dead latents."""
     hidden, _ = model.sample_with_features(n_samples)
     live = (sae.encode(hidden) > 0).any(0)
     if not bool(live.any()):
         return float("nan")
-    cosine = (
-        torch.nn.functional.normalize(sae.W_dec[live], dim=-1)
-        @ torch.nn.functional.normalize(model.feature_dict.feature_vectors, dim=-1).t()
-    )
-    return cosine.abs().argmax(dim=1).unique().numel() / int(live.sum())
+    best = best_matches(sae.W_dec[live], model.feature_dict.feature_vectors)
+    return best.unique().numel() / int(live.sum())
 
 
 def run_one(

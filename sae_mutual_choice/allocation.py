@@ -33,8 +33,8 @@ def top_m_mask(scores: torch.Tensor, m: torch.Tensor | int, dim: int) -> torch.T
     n = scores.shape[dim]
     other = scores.shape[1 - dim]
     if isinstance(m, int):  # filled on the device, not copied from the host (a copy would sync on CUDA)
-        counts = scores.new_full((), min(max(m, 0), n), dtype=torch.long)
         m_max = min(max(m, 0), n) if other else 0
+        counts = scores.new_full((), m_max, dtype=torch.long)
     else:
         counts = m.to(scores.device, torch.long).clamp(0, n)
         m_max = int(counts.max()) if counts.numel() else 0

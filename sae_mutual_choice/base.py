@@ -95,8 +95,9 @@ class AllocationSAEMixin:
         :meth:`raise_on_nonfinite_inputs`): at logging steps, every ``NONFINITE_CHECK_INTERVAL`` steps
         and before saving."""
         x = step_input.sae_in
-        validate_activations(x, self.cfg.d_in, finite=host_reads_are_free(x))
-        if host_reads_are_free(x):
+        immediate = host_reads_are_free(x)
+        validate_activations(x, self.cfg.d_in, finite=immediate)
+        if immediate:
             return
         step = step_input.n_training_steps
         record = self.first_nonfinite_step
