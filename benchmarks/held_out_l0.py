@@ -1,21 +1,34 @@
-"""Exported L0 / k of saved SAEs over the whole held-out split, and its spread between 16,384-token chunks.
+"""Exported L0 / k of saved SAEs on held-out text, and where its distance from k comes from.
 
-An exported Mutual or Feature Choice SAE is calibrated on a sample of 16,384 training inputs; this
-measures how far its L0 on held-out text is from k, and how much of that a 16,384-token evaluation
-(the demo's) can see: the standard deviation of L0 / k between consecutive 16,384-token chunks.
+An exported Mutual or Feature Choice SAE is calibrated on a uniform sample of
+``threshold_calibration_tokens`` training inputs. This prints, per SAE:
 
-    python benchmarks/held_out_l0.py COMPARE_CONFIG SAE_DIR... [--batches N]
-    python benchmarks/held_out_l0.py sae_mutual_choice/configs/demo.yaml results/demo/saes/*   # after sae-mc demo
+1. L0 / k over the held-out split (default: all of it) and its standard deviation between consecutive
+   16,384-token chunks (how much a demo-sized evaluation can see).
+2. With ``--pool-rows N`` (the embedded corpus only), the two sources of the distance, measured by
+   recalibrating the export (``evaluate.at_k``: Mutual Choice's one threshold, or Feature Choice's
+   per-latent thresholds keeping each latent's share) on text of the training split:
+   - *text*: recalibrated on all N rows' tokens, its L0 / k on the held-out text;
+   - *sample noise*: recalibrated on ``--repeats`` random samples of ``--sizes`` (16,384 and 65,536) of
+     those tokens, the mean and standard deviation of its held-out L0 / k.
+3. With ``--pool-rows``, the held-out split address by address (each packed on its own): the spread of
+   L0 / k between addresses, and the standard error that spread gives the token-weighted mean of the
+   held-out addresses (how far another choice of held-out addresses could move figure 1).
+
+    python benchmarks/held_out_l0.py COMPARE_CONFIG SAE_DIR... [--batches N] [--pool-rows N]
+    python benchmarks/held_out_l0.py sae_mutual_choice/configs/demo.yaml results/demo/saes/* --pool-rows 2048
 """
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import torch
 from sae_lens import SAE
 
+from sae_mutual_choice import embedded
 from sae_mutual_choice.compare import CompareSpec, held_out_store, held_out_text, load_any_model
-from sae_mutual_choice.evaluate import held_out_activations, trained_k
+from sae_mutual_choice.evaluate import at_k, held_out_activations, token_activations, trained_k
 from sae_mutual_choice.yaml_config import read_yaml
 
 CHUNK_TOKENS = 16_384
@@ -26,31 +39,119 @@ def main() -> None:
     parser.add_argument("config", type=Path, help="a compare config: model, hook, held-out text")
     parser.add_argument("saes", type=Path, nargs="+", help="saved SAE directories")
     parser.add_argument("--batches", type=int, default=None, help="prompt batches to read (default: all)")
+    parser.add_argument(
+        "--pool-rows", type=int, default=0, help="training rows for the decomposition (embedded corpus only)"
+    )
+    parser.add_argument("--repeats", type=int, default=8, help="random calibration samples per size")
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[16_384, 65_536], help="calibration sample sizes (tokens)"
+    )
     args = parser.parse_args()
     spec = CompareSpec.from_dict(read_yaml(args.config))
+    if args.pool_rows and spec.setting("dataset_path") != embedded.SOTU:
+        parser.error(f"--pool-rows needs the embedded corpus ({embedded.SOTU!r}) as dataset_path")
     device, context = spec.setting("device"), spec.setting("context_size")
     model = load_any_model(spec.setting("model_name"), context, device, spec.setting("model_class_name"))
     text = held_out_text(spec, model)
-    sae = SAE.load_from_disk(args.saes[0], device=device)
+    saes = {path.name: SAE.load_from_disk(path, device=device) for path in args.saes}
+    saes = {name: sae for name, sae in saes.items() if trained_k(sae) is not None}
+    first = next(iter(saes.values()))
     n_batches = args.batches or len(text) // spec.evaluation.batch_prompts  # default: the whole split, once
-    activations = held_out_activations(model, held_out_store(model, sae, text, spec), spec.hook, n_batches)
-    print(f"{activations.shape[0]:,} held-out tokens\n")
-    print("| SAE | k | L0 / k, all held-out | per 16k chunk: sd | min | max | chunks |")
+    held_out = held_out_activations(model, held_out_store(model, first, text, spec), spec.hook, n_batches)
+    print(f"{held_out.shape[0]:,} held-out tokens\n")
+    print("| SAE | k | L0 / k, held-out | per 16k chunk: sd | min | max | chunks |")
     print("|---|---|---|---|---|---|---|")
-    for path in args.saes:
-        sae = SAE.load_from_disk(path, device=device)
-        k = trained_k(sae)
-        if k is None:
-            continue
-        with torch.no_grad():
-            l0 = torch.cat([(sae.encode(x.to(device)) > 0).sum(-1).cpu() for x in activations.split(8192)])
-        chunks = (
-            torch.stack([c.float().mean() for c in l0.split(CHUNK_TOKENS) if c.numel() == CHUNK_TOKENS]) / k
-        )
+    for name, sae in saes.items():
+        chunks = per_token_l0(sae, held_out).split(CHUNK_TOKENS)
+        ratios = torch.stack([c.mean() for c in chunks if c.numel() == CHUNK_TOKENS]) / k_of(sae)
         print(
-            f"| {path.name} | {k:g} | {float(l0.float().mean()) / k:.4f} | {float(chunks.std()):.4f} | "
-            f"{float(chunks.min()):.4f} | {float(chunks.max()):.4f} | {chunks.numel()} |"
+            f"| {name} | {k_of(sae):g} | {l0_over_k(sae, held_out):.4f} | {float(ratios.std()):.4f} | "
+            f"{float(ratios.min()):.4f} | {float(ratios.max()):.4f} | {ratios.numel()} |"
         )
+    if args.pool_rows:  # JumpReLU exports only: a TopK SAE has no threshold to recalibrate
+        exported = {name: sae for name, sae in saes.items() if hasattr(sae, "threshold")}
+        decompose(model, spec, exported, held_out, args.pool_rows, args.repeats, args.sizes)
+
+
+def decompose(
+    model: Any,
+    spec: CompareSpec,
+    saes: dict[str, SAE[Any]],
+    held_out: torch.Tensor,
+    pool_rows: int,
+    repeats: int,
+    sample_sizes: list[int],
+) -> None:
+    """Sections 2 and 3 of the module docstring."""
+    context = spec.setting("context_size")
+    train = embedded.embedded_dataset(embedded.SOTU, model, context, "train")
+    pool = rows_activations(model, spec, train.select(range(min(pool_rows, len(train)))))
+    sizes = [n for n in sample_sizes if n < pool.shape[0]]
+    generator = torch.Generator().manual_seed(0)
+    print(f"\ntraining text: {pool.shape[0]:,} tokens (the first {pool_rows} rows of the training split);")
+    print(f"held-out L0 / k after recalibrating on it, and on {repeats} random samples of it (mean ± sd)\n")
+    print(
+        "| SAE | L0 / k, training text | recalibrated on all of it | "
+        + " | ".join(f"on {n:,}" for n in sizes)
+        + " |"
+    )
+    print("|---|---|---|" + "---|" * len(sizes))
+    for name, sae in saes.items():
+        k = k_of(sae)
+        cells = [f"{l0_over_k(sae, pool):.4f}", f"{l0_over_k(at_k(sae, pool, k), held_out):.4f}"]
+        for n in sizes:
+            draws = torch.tensor(
+                [
+                    l0_over_k(
+                        at_k(sae, pool[torch.randperm(pool.shape[0], generator=generator)[:n]], k), held_out
+                    )
+                    for _ in range(repeats)
+                ]
+            )
+            cells.append(f"{float(draws.mean()):.4f} ± {float(draws.std()):.4f}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    rows = {
+        fileid: embedded.sotu_rows(paragraphs, model, context)
+        for fileid, paragraphs in embedded.sotu_addresses("held_out").items()
+    }
+    addresses = {fileid: rows_activations(model, spec, r) for fileid, r in rows.items() if len(r) > 0}
+    weights = torch.tensor([float(acts.shape[0]) for acts in addresses.values()])
+    weights /= weights.sum()
+    print(f"\nthe {len(addresses)} held-out addresses, each packed on its own: L0 / k by address\n")
+    print("| SAE | token-weighted mean | sd between addresses | se of the mean | lowest | highest |")
+    print("|---|---|---|---|---|---|")
+    for name, sae in saes.items():
+        ratios = torch.tensor([l0_over_k(sae, acts) for acts in addresses.values()])
+        mean = float((weights * ratios).sum())
+        sd = float((weights * (ratios - mean) ** 2).sum().sqrt())
+        low, high = (list(addresses)[int(i)] for i in (ratios.argmin(), ratios.argmax()))
+        print(
+            f"| {name} | {mean:.4f} | {sd:.4f} | {sd * float(weights.pow(2).sum().sqrt()):.4f} | "
+            f"{float(ratios.min()):.4f} ({low}) | {float(ratios.max()):.4f} ({high}) |"
+        )
+
+
+def rows_activations(model: Any, spec: CompareSpec, rows: Any) -> torch.Tensor:
+    """``[N, d_in]`` activations of a dataset's ``input_ids`` rows, special tokens left out."""
+    tokens = torch.tensor(rows["input_ids"]).split(spec.evaluation.batch_prompts)
+    return torch.cat(
+        [token_activations(model, batch.to(spec.setting("device")), spec.hook) for batch in tokens]
+    )
+
+
+def k_of(sae: SAE[Any]) -> float:
+    return float(trained_k(sae) or 0)
+
+
+@torch.no_grad()
+def per_token_l0(sae: SAE[Any], activations: torch.Tensor) -> torch.Tensor:
+    return torch.cat(
+        [(sae.encode(x.to(sae.device)) > 0).sum(-1).float().cpu() for x in activations.split(8192)]
+    )
+
+
+def l0_over_k(sae: SAE[Any], activations: torch.Tensor) -> float:
+    return float(per_token_l0(sae, activations).mean()) / k_of(sae)
 
 
 if __name__ == "__main__":

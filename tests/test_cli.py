@@ -261,8 +261,15 @@ def test_held_out_l0_benchmark_runs_on_saved_saes(compared):
     saes = [str(compared / "saes" / name) for name in ("topk", "mutual_choice", "feature_choice")]
     script = ROOT / "benchmarks" / "held_out_l0.py"
     done = subprocess.run(
-        [sys.executable, str(script), str(TINY), *saes, "--batches", "140"],
+        [sys.executable, str(script), str(TINY), *saes, "--batches", "140",
+         "--pool-rows", "200", "--repeats", "12", "--sizes", "1024", "4096"],
         capture_output=True, text=True, check=True, timeout=300,
     )  # fmt: skip
     rows = [line for line in done.stdout.splitlines() if line.startswith("| mutual_choice |")]
-    assert len(rows) == 1 and rows[0].endswith("| 2 |")  # two whole 16,384-token chunks
+    assert len(rows) == 3 and rows[0].endswith("| 2 |")  # two whole 16,384-token chunks
+    # Recalibrated on samples of 1,024 and 4,096 training tokens: spread over the 12 draws, and less
+    # of it with the larger sample (on 6,200 training tokens, held-out text).
+    spreads = [float(cell.split("±")[1]) for cell in rows[1].split("|")[4:6]]
+    assert 0 < spreads[1] < spreads[0]
+    addresses = rows[2].split("|")
+    assert float(addresses[3]) > float(addresses[4]) > 0  # the sd between addresses, the se of their mean
