@@ -130,7 +130,7 @@ class FeatureChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, TopKTrai
         counts = self.batch_capacities(hidden_pre)
         if self.step_ranks > 1:
             return feature_choice_entries_over_ranks(hidden_pre, counts)
-        return feature_choice_entries(hidden_pre, counts)
+        return feature_choice_entries(hidden_pre, counts, batch_budget(self.cfg.k, hidden_pre.shape[0]))
 
     @override
     @torch.no_grad()

@@ -13,7 +13,10 @@ sorted by flat index ``token * F + latent``; the tests compare the two on tied a
   Exact by construction, with no flat top-k over all B·F scores.
 - Feature Choice: latents are grouped by capacity into power-of-two widths and each group takes
   one ``topk`` over its latents' contiguous rows of the latent-major scores ``[F, B]``; a latent
-  whose width cannot prove its boundary falls back to the dense rule.
+  whose width cannot prove its boundary falls back to the dense rule. Without free host reads, given
+  the batch's budget: every latent ranks its tokens by a tie-free key (score, then lower token), one
+  ``topk`` of a fixed width serves every latent whose capacity fits it, and the few that do not (at
+  most budget / (width + 1), a bound known on the host) rank all their tokens; no host read.
 """
 
 import math
@@ -24,6 +27,12 @@ import torch
 from sae_mutual_choice.allocation import top_m_mask
 from sae_mutual_choice.collectives import joined_boundaries, world_size
 from sae_mutual_choice.host_reads import host_reads_are_free
+
+# Feature Choice without host reads: the shared shortlist's width, relative to the mean capacity.
+# Wider: a larger topk over every latent; narrower: more latents (up to budget / (width + 1)) ranked in full.
+SHORTLIST_OVER_MEAN_CAPACITY = 8
+# Tie-free keys of a block of latents at a time: at most this many bytes.
+KEY_BLOCK_BYTES = 1 << 27
 
 # Mutual Choice over ranks: the first round's list, relative to the rank's expected share of the
 # budget (budget / ranks). 1.5 leaves a margin of half a share before a second, full round is needed.
@@ -123,15 +132,19 @@ def mutual_choice_entries(scores: torch.Tensor, budget: int) -> Entries:
     return entries_from_flat(flat[kept], n_latents)
 
 
-def feature_choice_entries(scores: torch.Tensor, counts: torch.Tensor) -> Entries:
+def feature_choice_entries(scores: torch.Tensor, counts: torch.Tensor, total: int | None = None) -> Entries:
     """The pairs :func:`~sae_mutual_choice.allocation.feature_choice` fires on ``scores [B, F]``.
 
-    ``counts [F]``: each latent's capacity (integers). Fastest when ``scores`` is latent-major
+    ``counts [F]``: each latent's capacity (integers). ``total``: their sum (each clamped to B),
+    known on the host (the batch's budget); with it, where host reads are not free, the selection
+    makes none (:func:`_feature_choice_entries_fixed`; scores of at most 32 bits). Fastest when ``scores`` is latent-major
     (``scores.t()`` contiguous): every latent's tokens are then one contiguous row.
     """
     n_tokens, n_latents = scores.shape
     by_latent = scores.t()
     counts = counts.to(scores.device, torch.long).clamp(0, n_tokens)
+    if total is not None and scores.element_size() <= 4 and not host_reads_are_free(scores):
+        return _feature_choice_entries_fixed(scores, counts, total)
     # The smallest power of two above each count: room to see past the boundary.
     widths = (2 ** torch.log2(counts.double() + 1).ceil()).long().clamp(max=n_tokens)
     widths = torch.where(counts == n_tokens, n_tokens, widths)
@@ -157,6 +170,51 @@ def feature_choice_entries(scores: torch.Tensor, counts: torch.Tensor) -> Entrie
     if not pieces:
         return no_entries(scores)
     return positive_entries(scores, entries_from_flat(torch.cat(pieces), n_latents))
+
+
+def _feature_choice_entries_fixed(scores: torch.Tensor, counts: torch.Tensor, total: int) -> Entries:
+    """:func:`feature_choice_entries` without a host read; ``counts`` clamped, summing to ``total``.
+
+    Each latent ranks its tokens by :func:`_ranked_tokens` (the dense rule's order, so no tie needs
+    a check). Latents whose count fits the shortlist take its head; at most ``total // (width + 1)``
+    latents have a larger count, and the ones with the largest counts rank all their tokens. The
+    selection is exactly ``total`` pairs, picked by ``nonzero_static`` (a size known on the host).
+    """
+    n_tokens, n_latents = scores.shape
+    by_latent = scores.t()
+    target = max(1.0, SHORTLIST_OVER_MEAN_CAPACITY * total / max(n_latents, 1))
+    width = min(n_tokens, 1 << math.ceil(math.log2(target)))
+    n_head = min(n_latents, total // (width + 1)) if width < n_tokens else 0
+    torch._assert_async(counts.sum() == total, "feature_choice_entries: counts must sum to total")
+    block = max(1, KEY_BLOCK_BYTES // (8 * n_tokens))
+    shortlist = torch.cat(
+        [_ranked_tokens(by_latent[start : start + block], width) for start in range(0, n_latents, block)]
+    )
+    latents = torch.arange(n_latents, device=scores.device)
+    flat = [shortlist * n_latents + latents[:, None]]
+    take = [(torch.arange(width, device=scores.device) < counts[:, None]) & (counts <= width)[:, None]]
+    if n_head:
+        head = counts.topk(n_head).indices
+        flat.append(_ranked_tokens(by_latent[head], n_tokens) * n_latents + head[:, None])
+        beyond = counts[head] > width
+        take.append((torch.arange(n_tokens, device=scores.device) < counts[head][:, None]) & beyond[:, None])
+    picked = torch.nonzero_static(torch.cat([t.reshape(-1) for t in take]), size=total)[:, 0]
+    chosen = torch.cat([f.reshape(-1) for f in flat])[picked]
+    return positive_entries(scores, entries_from_flat(chosen, n_latents))
+
+
+def _ranked_tokens(rows: torch.Tensor, width: int) -> torch.Tensor:
+    """Per row of ``rows [R, B]``, the column indices of its ``width`` largest entries, best first,
+    ties to the lower column (the dense rules' order). ``-> [R, width]``.
+
+    Ranked by an int64 key, unique per row: the score's float32 bits mapped to integers of the same
+    order, then the column, reversed. (-0.0 sorts below 0.0; neither fires.)
+    """
+    bits = rows.float().contiguous().view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    reversed_column = torch.arange(rows.shape[1] - 1, -1, -1, device=rows.device)
+    keys = (ordered.long() << 32) | reversed_column
+    return keys.topk(width, dim=1, sorted=True).indices
 
 
 def mutual_choice_entries_over_ranks(scores: torch.Tensor, budget: int) -> Entries:

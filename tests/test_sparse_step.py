@@ -13,6 +13,7 @@ import sae_mutual_choice  # noqa: F401  (registers the architectures)
 from sae_mutual_choice.allocation import feature_choice, mutual_choice, token_choice
 from sae_mutual_choice.host_reads import sync_free
 from sae_mutual_choice.selection import (
+    SHORTLIST_OVER_MEAN_CAPACITY,
     Entries,
     feature_choice_entries,
     firing_statistics,
@@ -64,7 +65,8 @@ def test_fast_selection_equals_the_dense_rules(tied, host_path):
         for stored in (scores, scores.t().contiguous().t()):
             _assert_same_entries(mutual_choice_entries(stored, budget), _pairs(mutual_choice(scores, budget)))
             _assert_same_entries(
-                feature_choice_entries(stored, counts), _pairs(feature_choice(scores, counts))
+                feature_choice_entries(stored, counts, int(counts.sum())),
+                _pairs(feature_choice(scores, counts)),
             )
 
 
@@ -75,6 +77,18 @@ def test_fallbacks_are_exercised_and_exact(host_path):
     _assert_same_entries(token_choice_entries(scores, 5), _pairs(token_choice(scores, 5)))
     counts = torch.tensor([3] * 40)  # width 4: the 4th shortlisted score ties the boundary
     _assert_same_entries(feature_choice_entries(scores, counts), _pairs(feature_choice(scores, counts)))
+    counts[::7] = 6  # without host reads: capacities past the shared shortlist, ranked in full
+    fixed = feature_choice_entries(scores, counts, int(counts.sum()))
+    _assert_same_entries(fixed, _pairs(feature_choice(scores, counts)))
+    # Zipf-like capacities on tied scores: a few latents far past the shared shortlist (whose width is
+    # under twice SHORTLIST_OVER_MEAN_CAPACITY times the mean capacity), most at 0 or 1.
+    generator = torch.Generator().manual_seed(5)
+    tied = torch.randint(-2, 3, (64, 200), generator=generator).float()
+    counts = (60 / torch.arange(1, 201) ** 1.5).floor().long()
+    assert int(counts.max()) > 2 * SHORTLIST_OVER_MEAN_CAPACITY * int(counts.sum()) / 200
+    for stored in (tied, tied.t().contiguous().t()):
+        fixed = feature_choice_entries(stored, counts, int(counts.sum()))
+        _assert_same_entries(fixed, _pairs(feature_choice(tied, counts)))
     # Mutual Choice: one token holds every large score, so per-token shortlists cannot contain the cut.
     skewed = torch.rand(64, 32, generator=torch.Generator().manual_seed(3))
     skewed[5] += 10
@@ -105,6 +119,7 @@ def _pair_of_saes(architecture: str, **fields: Any) -> tuple[Any, Any]:
     fields["k"] = 4 if architecture == "token_choice" else 4.5
     if architecture != "token_choice":
         fields["threshold_calibration_tokens"] = 0
+    torch.manual_seed(0)  # SAELens initialises from the global generator: the same SAEs in any test order
     dense: Any = sae_class(config_class(**fields, sparse_training=False))  # type: ignore[call-arg]
     sparse: Any = sae_class(config_class(**fields))
     with torch.no_grad():  # biases away from 0, so that b_dec's gradient through the encoder is tested
