@@ -53,7 +53,8 @@ def main() -> None:
     device, context = spec.setting("device"), spec.setting("context_size")
     model = load_any_model(spec.setting("model_name"), context, device, spec.setting("model_class_name"))
     text = held_out_text(spec, model)
-    saes = {path.name: SAE.load_from_disk(path, device=device) for path in args.saes}
+    paths = [path for path in args.saes if (path / "cfg.json").exists()]  # SAE_DIR/* also lists files
+    saes = {path.name: SAE.load_from_disk(path, device=device) for path in paths}
     saes = {name: sae for name, sae in saes.items() if trained_k(sae) is not None}
     first = next(iter(saes.values()))
     n_batches = args.batches or len(text) // spec.evaluation.batch_prompts  # default: the whole split, once

@@ -31,12 +31,13 @@ class MutualChoiceTrainingSAEConfig(AllocationFields, BatchTopKTrainingSAEConfig
     ``int(k * B)`` pairs. ``topk_threshold_lr`` is the rate of the running threshold estimate;
     0.1 rather than BatchTopK's 0.01, because the per-batch boundary is an order statistic of many
     pairs (little noise) and a slow average trails the threshold as it rises during training.
-    ``threshold_calibration_tokens``: how many of the latest training inputs the SAE keeps to
-    calibrate its exported thresholds exactly (0: export the running estimate instead).
+    ``threshold_calibration_tokens``: the size of the uniform sample of training inputs the SAE keeps
+    to calibrate its exported thresholds exactly (0: export the running estimate instead); the
+    exported L0's sampling noise falls as its square root (docs/method.md, "Inference export").
     """
 
     topk_threshold_lr: float = 0.1
-    threshold_calibration_tokens: int = 16384
+    threshold_calibration_tokens: int = 65536
 
     @override
     @classmethod
