@@ -186,16 +186,12 @@ def _feature_choice_entries_fixed(scores: torch.Tensor, counts: torch.Tensor, to
     width = min(n_tokens, 1 << math.ceil(math.log2(target)))
     n_head = min(n_latents, total // (width + 1)) if width < n_tokens else 0
     torch._assert_async(counts.sum() == total, "feature_choice_entries: counts must sum to total")
-    block = max(1, KEY_BLOCK_BYTES // (8 * n_tokens))
-    shortlist = torch.cat(
-        [_ranked_tokens(by_latent[start : start + block], width) for start in range(0, n_latents, block)]
-    )
     latents = torch.arange(n_latents, device=scores.device)
-    flat = [shortlist * n_latents + latents[:, None]]
+    flat = [_ranked_tokens(by_latent, latents, width) * n_latents + latents[:, None]]
     take = [(torch.arange(width, device=scores.device) < counts[:, None]) & (counts <= width)[:, None]]
     if n_head:
         head = counts.topk(n_head).indices
-        flat.append(_ranked_tokens(by_latent[head], n_tokens) * n_latents + head[:, None])
+        flat.append(_ranked_tokens(by_latent, head, n_tokens) * n_latents + head[:, None])
         beyond = counts[head] > width
         take.append((torch.arange(n_tokens, device=scores.device) < counts[head][:, None]) & beyond[:, None])
     picked = torch.nonzero_static(torch.cat([t.reshape(-1) for t in take]), size=total)[:, 0]
@@ -203,18 +199,23 @@ def _feature_choice_entries_fixed(scores: torch.Tensor, counts: torch.Tensor, to
     return positive_entries(scores, entries_from_flat(chosen, n_latents))
 
 
-def _ranked_tokens(rows: torch.Tensor, width: int) -> torch.Tensor:
-    """Per row of ``rows [R, B]``, the column indices of its ``width`` largest entries, best first,
-    ties to the lower column (the dense rules' order). ``-> [R, width]``.
+def _ranked_tokens(by_latent: torch.Tensor, latents: torch.Tensor, width: int) -> torch.Tensor:
+    """For each of ``latents``, the tokens of its ``width`` largest scores in ``by_latent [F, B]``, best
+    first, ties to the lower token (the dense rules' order). ``-> [len(latents), width]``.
 
     Ranked by an int64 key, unique per row: the score's float32 bits mapped to integers of the same
-    order, then the column, reversed. (-0.0 sorts below 0.0; neither fires.)
+    order, then the token, reversed. (-0.0 sorts below 0.0; neither fires.) Keys are built
+    ``KEY_BLOCK_BYTES`` at a time.
     """
-    bits = rows.float().contiguous().view(torch.int32)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    reversed_column = torch.arange(rows.shape[1] - 1, -1, -1, device=rows.device)
-    keys = (ordered.long() << 32) | reversed_column
-    return keys.topk(width, dim=1, sorted=True).indices
+    n_tokens = by_latent.shape[1]
+    reversed_token = torch.arange(n_tokens - 1, -1, -1, device=by_latent.device)
+    block = max(1, KEY_BLOCK_BYTES // (8 * n_tokens))
+    ranked = []
+    for start in range(0, latents.shape[0], block):
+        bits = by_latent[latents[start : start + block]].float().contiguous().view(torch.int32)
+        keys = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)).long() << 32) | reversed_token
+        ranked.append(keys.topk(width, dim=1, sorted=True).indices)
+    return torch.cat(ranked) if ranked else latents.new_zeros(0, width)
 
 
 def mutual_choice_entries_over_ranks(scores: torch.Tensor, budget: int) -> Entries:
