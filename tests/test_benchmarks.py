@@ -47,6 +47,16 @@ def test_benchmark_runs(script, args, header, tmp_path):
     assert header in done.stdout
 
 
+def test_fused_decode_candidates_agree_with_the_sparse_steps_decode():
+    """benchmarks/fused_pairs.py's formulations (eager and compiled) give today's outputs and gradients."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "fused_pairs.py"), "--shape", "64", "16", "128", "4", "--reps", "1"],
+        capture_output=True, text=True, check=False, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("same results: True") == 2, done.stdout
+
+
 def test_full_benchmark_configs_build_every_sae():
     """The full-size benchmark configs (not only their quick variants) give valid SAE configs."""
     sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their sibling bench_common
