@@ -4,9 +4,10 @@ For B tokens and each (d_in, F, k): one step is ``training_forward_pass`` + back
 trainer does. Architectures are timed interleaved, repetition by repetition, after warm-up; the printed
 ratio is the median over repetitions of (step time / SAELens ``topk`` step time in the same repetition).
 "encoder" is the one unavoidable matmul, ``sae_in @ W_enc`` (2·B·d·F FLOPs), timed the same way. Our
-architectures take their default (sparse) step with ``aux_loss="aux_zipf"`` (the costlier aux loss:
+architectures take the sparse step with ``aux_loss="aux_zipf"`` (the costlier aux loss:
 it selects among every under-used latent, AuxK among the dead ones only); the "no aux" rows switch it
-off to show what the aux loss's own pairs cost (d_in // 2 per token, as in AuxK). Peak
+off to show what the aux loss's own pairs cost (d_in // 2 per token, as in AuxK); on CUDA the "dense"
+rows time their dense step (``sparse_training=False``), the evidence ``sparse_training="auto"`` needs. Peak
 memory is measured per architecture in a fresh subprocess (peak RSS after two steps minus RSS before
 building the SAE, from ``/proc/self/status``), relative to ``topk``.
 
@@ -41,11 +42,13 @@ RESULTS_JSON = Path(__file__).parent.parent / "docs" / "results" / "step_time.js
 
 OURS = ["token_choice", "mutual_choice", "feature_choice"]
 ARCHITECTURES = ["topk", "batchtopk", *OURS, *(f"{name} no aux" for name in OURS)]
+# Our dense steps (sparse_training=False), timed on CUDA, where sparse_training="auto" needs them.
+DENSE = [f"{name} dense" for name in OURS]
 
 
 def build(variant: str, d_in: int, d_sae: int, k: int) -> Any:
-    """The training SAE of a row: an architecture name, optionally followed by " no aux"."""
-    architecture = variant.removesuffix(" no aux")
+    """The training SAE of a row: an architecture name, optionally followed by " no aux" or " dense"."""
+    architecture = variant.removesuffix(" no aux").removesuffix(" dense")
     sae_class, config_class = get_sae_training_class(architecture)
     kwargs: dict[str, Any] = {
         "d_in": d_in,
@@ -56,6 +59,7 @@ def build(variant: str, d_in: int, d_sae: int, k: int) -> Any:
         kwargs["threshold_calibration_tokens"] = 0  # steady-state step; the kept inputs cost nothing per step
     if architecture in OURS:
         kwargs["aux_loss"] = "none" if variant.endswith(" no aux") else "aux_zipf"
+        kwargs["sparse_training"] = not variant.endswith(" dense")
     return sae_class(config_class(**kwargs))
 
 
@@ -99,18 +103,25 @@ class Clock:
 
 
 def time_steps(
-    batch: int, d_in: int, d_sae: int, k: int, reps: int, device: torch.device, autocast: bool = False
+    batch: int,
+    d_in: int,
+    d_sae: int,
+    k: int,
+    reps: int,
+    device: torch.device,
+    autocast: bool = False,
+    variants: list[str] = ARCHITECTURES,
 ) -> dict[str, float]:
     torch.manual_seed(0)
     x = torch.randn(batch, d_in, device=device)
     dead = torch.rand(d_sae, device=device) < 0.05  # a few dead latents, so the aux losses do their work
-    saes = {name: build(name, d_in, d_sae, k).to(device) for name in ARCHITECTURES}
+    saes = {name: build(name, d_in, d_sae, k).to(device) for name in variants}
     optimizers = {name: torch.optim.Adam(sae.parameters(), lr=1e-4) for name, sae in saes.items()}
     W_enc = saes["topk"].W_enc.detach()
     clock = Clock(device)
-    measured: dict[str, list[Any]] = {name: [] for name in [*ARCHITECTURES, "encoder"]}
+    measured: dict[str, list[Any]] = {name: [] for name in [*variants, "encoder"]}
     for rep in range(reps + 1):  # repetition 0 is the warm-up
-        for name in [*ARCHITECTURES, "encoder"]:
+        for name in [*variants, "encoder"]:
             started = clock.start()
             if name == "encoder":
                 with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -204,16 +215,17 @@ def main() -> None:
         f"torch {torch.__version__}, {where}, B = {batch}, {args.reps} repetitions"
         + (", bf16 autocast" if args.autocast else "")
     )
+    variants = ARCHITECTURES + (DENSE if device.type == "cuda" else [])
     rows = []
     for d_in, d_sae, k in sizes:
-        timing = time_steps(batch, d_in, d_sae, k, args.reps, device, args.autocast)
+        timing = time_steps(batch, d_in, d_sae, k, args.reps, device, args.autocast, variants)
         memory = {
             name: cuda_peak_memory(name, batch, d_in, d_sae, k, args.autocast)
             if device.type == "cuda"
             else peak_memory(name, batch, d_in, d_sae, k)
-            for name in ARCHITECTURES
+            for name in variants
         }
-        for name in ARCHITECTURES:
+        for name in variants:
             rows.append(
                 {
                     "d_in": d_in,

@@ -21,6 +21,7 @@ from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepO
 
 from sae_mutual_choice.aux_zipf import aux_zipf_loss, underuse_weights
 from sae_mutual_choice.collectives import check_same_over_ranks, sum_over_ranks, world_size
+from sae_mutual_choice.config import sparse_step_is_faster
 from sae_mutual_choice.host_reads import host_reads_are_free
 from sae_mutual_choice.running import debiased, ema_update_
 from sae_mutual_choice.selection import Entries, firing_statistics
@@ -168,9 +169,13 @@ class AllocationSAEMixin:
         return torch.where(fires, flat, flat.new_zeros(())).reshape(scores.shape)
 
     def sparse_step_applies(self, step_input: TrainStepInput) -> bool:
-        """Whether this step runs sparse: ``sparse_training`` is on, the input is ``[B, d_in]``, and no
-        hook is attached to the SAE (hooks see dense tensors, so a hooked SAE trains densely)."""
-        if not self.cfg.sparse_training or step_input.sae_in.ndim != 2:
+        """Whether this step runs sparse: ``sparse_training`` is on (or ``"auto"`` picks it for the
+        input's device), the input is ``[B, d_in]``, and no hook is attached to the SAE (hooks see
+        dense tensors, so a hooked SAE trains densely)."""
+        sparse = self.cfg.sparse_training
+        if sparse == "auto":
+            sparse = sparse_step_is_faster(step_input.sae_in.device)
+        if not sparse or step_input.sae_in.ndim != 2:
             return False
         if getattr(self, "hook_z_reshaping_mode", False):
             return False

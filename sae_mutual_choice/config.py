@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
+
 AUX_LOSSES = ("aux_zipf", "aux_k", "none")
 AuxLoss = Literal["aux_zipf", "aux_k", "none"]
 
@@ -48,9 +50,10 @@ class AllocationFields:
     """Fields shared by every architecture here: the training step, the aux loss, running statistics.
 
     Args:
-        sparse_training: train with the sparse step (only the selected pairs go past the
-            encoder matmul; see :mod:`sae_mutual_choice.sparse_step`). False: SAELens's dense
-            step, the reference. Both give the same losses and gradients.
+        sparse_training: ``True``: the sparse step (only the selected pairs go past the encoder
+            matmul; see :mod:`sae_mutual_choice.sparse_step`). ``False``: SAELens's dense step, the
+            reference. Both give the same losses and gradients. ``"auto"`` (default): whichever
+            the benchmarks show to be faster on the step's device (:func:`sparse_step_is_faster`).
         aux_loss: ``"aux_zipf"`` (latents under-used relative to a Zipf fit, dead latents
             included), ``"aux_k"`` (dead latents only: SAELens's AuxK), or ``"none"``. The
             default is per architecture, chosen from docs/results.md: ``aux_k`` for Token and
@@ -68,7 +71,7 @@ class AllocationFields:
             Without a process group it changes nothing. docs/method.md, "Data-parallel training".
     """
 
-    sparse_training: bool = True
+    sparse_training: bool | Literal["auto"] = "auto"
     aux_loss: AuxLoss = "aux_k"  # Feature Choice overrides it: docs/method.md, "Defaults"
     aux_loss_warm_up_steps: int = 0
     usage_window: int = 1000
@@ -80,9 +83,10 @@ class AllocationFields:
 def validate_common(cfg: Any, *, integer_k: bool) -> None:
     """Validate the fields every architecture here has (``cfg`` is one of our configs)."""
     check_range("d_in", cfg.d_in, 1, math.inf)
-    for name in ("sparse_training", "data_parallel"):
-        if not isinstance(getattr(cfg, name), bool):
-            raise ValueError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
+    if not isinstance(cfg.data_parallel, bool):
+        raise ValueError(f"data_parallel must be true or false, got {cfg.data_parallel!r}")
+    if not isinstance(cfg.sparse_training, bool) and cfg.sparse_training != "auto":
+        raise ValueError(f"sparse_training must be true, false or 'auto', got {cfg.sparse_training!r}")
     check_range("d_sae", cfg.d_sae, 1, math.inf)
     if integer_k and (not isinstance(cfg.k, int) or isinstance(cfg.k, bool)):
         raise ValueError(f"k must be an integer in [1, d_sae={cfg.d_sae}], got {cfg.k!r}")
@@ -104,3 +108,13 @@ def validate_common(cfg: Any, *, integer_k: bool) -> None:
             f"{cfg.normalize_activations!r} (the aux reconstruction would live in normalised space "
             "while the residual does not); set aux_loss='none' or another normalisation"
         )
+
+
+def sparse_step_is_faster(device: torch.device) -> bool:
+    """``sparse_training="auto"``'s rule: the sparse step on CPU, SAELens's dense step elsewhere.
+
+    On CPU the sparse step took 0.23-0.39x SAELens topk's step time at both benchmarked shapes
+    (docs/performance.md); no other device has been measured yet, and there the dense step, SAELens's
+    own, is the one no user can be slower than. ``benchmarks/gpu.sh`` gives the CUDA figures to revise it.
+    """
+    return device.type == "cpu"

@@ -10,7 +10,9 @@ from helpers import copy_parameters, dense_acts, forward_and_grads, step_input
 from sae_lens.registry import get_sae_training_class
 
 import sae_mutual_choice  # noqa: F401  (registers the architectures)
+from sae_mutual_choice import base
 from sae_mutual_choice.allocation import feature_choice, mutual_choice, token_choice
+from sae_mutual_choice.config import sparse_step_is_faster
 from sae_mutual_choice.host_reads import sync_free
 from sae_mutual_choice.selection import (
     SHORTLIST_OVER_MEAN_CAPACITY,
@@ -191,10 +193,23 @@ def test_hooked_sae_trains_densely():
     assert sparse.training_forward_pass(step_input(_batch(0))).feature_acts.is_sparse
 
 
-def test_sparse_training_must_be_a_bool():
+def test_sparse_training_must_be_a_bool_or_auto():
     _, config_class = get_sae_training_class("mutual_choice")
-    with pytest.raises(ValueError, match="sparse_training must be true or false"):
+    with pytest.raises(ValueError, match="sparse_training must be true, false or 'auto', got 'yes'"):
         config_class(d_in=4, d_sae=8, k=2.0, sparse_training="yes")  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_auto_takes_the_step_its_rule_picks_for_the_device(architecture, monkeypatch):
+    """The default, ``"auto"``: sparse on CPU; where the rule says dense (any other device, for now), dense."""
+    sae_class, config_class = get_sae_training_class(architecture)
+    k = 4 if architecture == "token_choice" else 4.0
+    sae: Any = sae_class(config_class(d_in=16, d_sae=48, k=k))  # type: ignore[call-arg]
+    assert sae.cfg.sparse_training == "auto"
+    assert sae.training_forward_pass(step_input(_batch(0))).feature_acts.is_sparse
+    assert sparse_step_is_faster(torch.device("cpu")) and not sparse_step_is_faster(torch.device("cuda"))
+    monkeypatch.setattr(base, "sparse_step_is_faster", lambda device: device.type != "cpu")
+    assert not sae.training_forward_pass(step_input(_batch(1))).feature_acts.is_sparse
 
 
 def _step_under(
