@@ -13,6 +13,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -287,7 +288,15 @@ def _train_with_a_failing_rank(rank_id: int, config: str, port: int) -> None:
             raise OSError("disk full")
 
         data_parallel.DataParallelRunner.save_checkpoint = fail  # type: ignore[method-assign]
-    sae_mc.main(["train", config])
+        sae_mc.main(["train", config])
+        return
+    try:
+        sae_mc.main(["train", config])
+    except RuntimeError:
+        # Rank 0's barrier fails when rank 1 goes; spawn reports whichever rank ended first, so rank 0
+        # lets rank 1 (the cause) end before it.
+        time.sleep(5)
+        raise
 
 
 def test_a_failing_rank_ends_the_run_without_a_checkpoint(tmp_path: Path) -> None:
