@@ -63,10 +63,11 @@ def main() -> None:
     print("| SAE | k | L0 / k, held-out | per 16k chunk: sd | min | max | chunks |")
     print("|---|---|---|---|---|---|---|")
     for name, sae in saes.items():
-        chunks = per_token_l0(sae, held_out).split(CHUNK_TOKENS)
+        l0 = per_token_l0(sae, held_out)
+        chunks = l0.split(CHUNK_TOKENS)
         ratios = torch.stack([c.mean() for c in chunks if c.numel() == CHUNK_TOKENS]) / k_of(sae)
         print(
-            f"| {name} | {k_of(sae):g} | {l0_over_k(sae, held_out):.4f} | {float(ratios.std()):.4f} | "
+            f"| {name} | {k_of(sae):g} | {float(l0.mean()) / k_of(sae):.4f} | {float(ratios.std()):.4f} | "
             f"{float(ratios.min()):.4f} | {float(ratios.max()):.4f} | {ratios.numel()} |"
         )
     if args.pool_rows:  # JumpReLU exports only: a TopK SAE has no threshold to recalibrate

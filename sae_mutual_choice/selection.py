@@ -137,8 +137,9 @@ def feature_choice_entries(scores: torch.Tensor, counts: torch.Tensor, total: in
 
     ``counts [F]``: each latent's capacity (integers). ``total``: their sum (each clamped to B),
     known on the host (the batch's budget); with it, where host reads are not free, the selection
-    makes none (:func:`_feature_choice_entries_fixed`; scores of at most 32 bits). Fastest when ``scores`` is latent-major
-    (``scores.t()`` contiguous): every latent's tokens are then one contiguous row.
+    makes none (:func:`_feature_choice_entries_fixed`; scores of at most 32 bits). Fastest when
+    ``scores`` is latent-major (``scores.t()`` contiguous): every latent's tokens are then one
+    contiguous row.
     """
     n_tokens, n_latents = scores.shape
     by_latent = scores.t()
@@ -182,7 +183,7 @@ def _feature_choice_entries_fixed(scores: torch.Tensor, counts: torch.Tensor, to
     """
     n_tokens, n_latents = scores.shape
     by_latent = scores.t()
-    target = max(1.0, SHORTLIST_OVER_MEAN_CAPACITY * total / max(n_latents, 1))
+    target = max(1.0, SHORTLIST_OVER_MEAN_CAPACITY * total / n_latents)
     width = min(n_tokens, 1 << math.ceil(math.log2(target)))
     n_head = min(n_latents, total // (width + 1)) if width < n_tokens else 0
     torch._assert_async(counts.sum() == total, "feature_choice_entries: counts must sum to total")
@@ -215,7 +216,7 @@ def _ranked_tokens(by_latent: torch.Tensor, latents: torch.Tensor, width: int) -
         bits = by_latent[latents[start : start + block]].float().contiguous().view(torch.int32)
         keys = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)).long() << 32) | reversed_token
         ranked.append(keys.topk(width, dim=1, sorted=True).indices)
-    return torch.cat(ranked) if ranked else latents.new_zeros(0, width)
+    return torch.cat(ranked)
 
 
 def mutual_choice_entries_over_ranks(scores: torch.Tensor, budget: int) -> Entries:
