@@ -10,7 +10,9 @@ An exported Mutual or Feature Choice SAE is calibrated on a uniform sample of
    per-latent thresholds keeping each latent's share) on text of the training split:
    - *text*: recalibrated on all N rows' tokens, its L0 / k on the held-out text;
    - *sample noise*: recalibrated on ``--repeats`` random samples of ``--sizes`` (16,384 and 65,536) of
-     those tokens, the mean and standard deviation of its held-out L0 / k.
+     those tokens, the mean and standard deviation of its held-out L0 / k; plain (exact on the
+     sample) and norm-corrected as the export does (``calibration.norm_corrected_counts``, the
+     N tokens' mean norm being the population's), on the same samples.
 3. With ``--pool-rows``, the held-out split address by address (each packed on its own): the spread of
    L0 / k between addresses, and the standard error that spread gives the token-weighted mean of the
    held-out addresses (how far another choice of held-out addresses could move figure 1).
@@ -27,8 +29,16 @@ import torch
 from sae_lens import SAE
 
 from sae_mutual_choice import embedded
+from sae_mutual_choice.calibration import norm_corrected_counts, thresholds_for_counts
 from sae_mutual_choice.compare import CompareSpec, held_out_store, held_out_text, load_any_model
-from sae_mutual_choice.evaluate import at_k, held_out_activations, token_activations, trained_k
+from sae_mutual_choice.evaluate import (
+    at_k,
+    counts_at_k,
+    held_out_activations,
+    token_activations,
+    trained_k,
+    with_thresholds,
+)
 from sae_mutual_choice.yaml_config import read_yaml
 
 CHUNK_TOKENS = 16_384
@@ -89,28 +99,33 @@ def decompose(
     train = embedded.embedded_dataset(embedded.SOTU, model, context, "train")
     pool = rows_activations(model, spec, train.select(range(min(pool_rows, len(train)))))
     sizes = [n for n in sample_sizes if n < pool.shape[0]]
+    norms = pool.norm(dim=-1)
+    population_mean_norm = float(norms.double().mean())
     generator = torch.Generator().manual_seed(0)
     print(f"\ntraining text: {pool.shape[0]:,} tokens (the first {pool_rows} rows of the training split);")
     print(f"held-out L0 / k after recalibrating on it, and on {repeats} random samples of it (mean ± sd)\n")
     print(
         "| SAE | L0 / k, training text | recalibrated on all of it | "
-        + " | ".join(f"on {n:,}" for n in sizes)
+        + " | ".join(f"on {n:,} | on {n:,}, norm-corrected" for n in sizes)
         + " |"
     )
-    print("|---|---|---|" + "---|" * len(sizes))
+    print("|---|---|---|" + "---|---|" * len(sizes))
+    samples = {
+        n: [torch.randperm(pool.shape[0], generator=generator)[:n] for _ in range(repeats)] for n in sizes
+    }
     for name, sae in saes.items():
         k = k_of(sae)
         cells = [f"{l0_over_k(sae, pool):.4f}", f"{l0_over_k(at_k(sae, pool, k), held_out):.4f}"]
         for n in sizes:
-            draws = torch.tensor(
+            draws = [
                 [
-                    l0_over_k(
-                        at_k(sae, pool[torch.randperm(pool.shape[0], generator=generator)[:n]], k), held_out
-                    )
-                    for _ in range(repeats)
+                    l0_over_k(copy, held_out)
+                    for copy in sample_calibrations(sae, pool[rows], norms[rows], population_mean_norm, k)
                 ]
-            )
-            cells.append(f"{float(draws.mean()):.4f} ± {float(draws.std()):.4f}")
+                for rows in samples[n]
+            ]
+            for column in torch.tensor(draws).T:
+                cells.append(f"{float(column.mean()):.4f} ± {float(column.std()):.4f}")
         print(f"| {name} | " + " | ".join(cells) + " |")
     rows = {
         fileid: embedded.sotu_rows(paragraphs, model, context)
@@ -131,6 +146,16 @@ def decompose(
             f"| {name} | {mean:.4f} | {sd:.4f} | {sd * float(weights.pow(2).sum().sqrt()):.4f} | "
             f"{float(ratios.min()):.4f} ({low}) | {float(ratios.max()):.4f} ({high}) |"
         )
+
+
+def sample_calibrations(
+    sae: SAE[Any], sample: torch.Tensor, norms: torch.Tensor, population_mean_norm: float, k: float
+) -> tuple[SAE[Any], SAE[Any]]:
+    """Copies of ``sae`` recalibrated on ``sample`` as :func:`at_k` does: exact, and norm-corrected."""
+    counts = counts_at_k(sae, sample, k)
+    exact = thresholds_for_counts(sae, sample, counts)
+    corrected = norm_corrected_counts(sae, sample, exact, counts, norms, population_mean_norm)
+    return with_thresholds(sae, exact), with_thresholds(sae, thresholds_for_counts(sae, sample, corrected))
 
 
 def rows_activations(model: Any, spec: CompareSpec, rows: Any) -> torch.Tensor:

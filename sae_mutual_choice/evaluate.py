@@ -25,7 +25,7 @@ from sae_lens.util import get_special_token_ids
 from tqdm.auto import tqdm
 
 from sae_mutual_choice.allocation import batch_budget
-from sae_mutual_choice.thresholds import latent_scores, thresholds_for_counts
+from sae_mutual_choice.calibration import latent_scores, thresholds_for_counts
 from sae_mutual_choice.zipf import fit_zipf, round_capacities
 
 DENSE_DENSITY = 0.1
@@ -138,23 +138,34 @@ def at_k(sae: SAE[Any], activations: torch.Tensor, k: float) -> SAE[Any]:
 
     With one global threshold (Mutual Choice, BatchTopK) the copy gets the global threshold with
     that many scores above it; with per-latent thresholds (Feature Choice) each latent keeps its
-    share of the pairs the SAE fires there (largest-remainder rounding to the budget).
+    share of the pairs the SAE fires there (:func:`counts_at_k`).
     """
+    return with_thresholds(sae, thresholds_for_counts(sae, activations, counts_at_k(sae, activations, k)))
+
+
+@torch.no_grad()
+def counts_at_k(sae: SAE[Any], activations: torch.Tensor, k: float) -> int | torch.Tensor:
+    """What :func:`at_k` fires on ``activations [N, d_in]``: ``int(k * N)`` pairs for one global
+    threshold, or per latent its share of the pairs ``sae`` fires there (largest-remainder rounding
+    to that budget) for per-latent thresholds. ``-> int`` or ``[F]`` long."""
     threshold: torch.Tensor = sae.threshold  # type: ignore[assignment]
     n_tokens = activations.shape[0]
     budget = batch_budget(k, n_tokens)
     if bool((threshold == threshold[0]).all()):
-        counts: int | torch.Tensor = budget
-    else:
-        x = sae.process_sae_in(activations.to(sae.W_enc.device, sae.W_enc.dtype))
-        fired = torch.cat(
-            [
-                (latent_scores(sae, x, s) > threshold[s]).sum(0)
-                for s in (slice(a, a + 1024) for a in range(0, sae.cfg.d_sae, 1024))
-            ]
-        ).double()
-        shares = fired * (budget / max(float(fired.sum()), 1.0))
-        counts = round_capacities(shares, torch.zeros_like(shares), budget, n_tokens)[0]
+        return budget
+    x = sae.process_sae_in(activations.to(sae.W_enc.device, sae.W_enc.dtype))
+    fired = torch.cat(
+        [
+            (latent_scores(sae, x, s) > threshold[s]).sum(0)
+            for s in (slice(a, a + 1024) for a in range(0, sae.cfg.d_sae, 1024))
+        ]
+    ).double()
+    shares = fired * (budget / max(float(fired.sum()), 1.0))
+    return round_capacities(shares, torch.zeros_like(shares), budget, n_tokens)[0]
+
+
+def with_thresholds(sae: SAE[Any], thresholds: torch.Tensor) -> SAE[Any]:
+    """A copy of a JumpReLU ``sae`` with ``thresholds [F]``."""
     calibrated = copy.deepcopy(sae)
-    calibrated.threshold.data = thresholds_for_counts(sae, activations, counts).to(threshold)
+    calibrated.threshold.data = thresholds.to(sae.threshold)  # type: ignore[union-attr]
     return calibrated

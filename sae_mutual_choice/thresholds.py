@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from sae_mutual_choice.base import validate_activations
+from sae_mutual_choice.calibration import norm_corrected_counts, thresholds_for_counts
 from sae_mutual_choice.collectives import gather_over_ranks, rank
 
 LEGACY_CHECKPOINT_BUFFERS = ("recent_inputs", "recent_inputs_filled", "recent_inputs_next")
@@ -46,7 +47,9 @@ class JumpReLUExportMixin:
     W_dec: torch.nn.Parameter
     b_enc: torch.nn.Parameter
     calibration_inputs: torch.Tensor
+    calibration_norms: torch.Tensor
     calibration_keys: torch.Tensor
+    input_norm_totals: torch.Tensor
     calibrated_thresholds: torch.Tensor
 
     def _init_export_state(self) -> None:
@@ -63,8 +66,13 @@ class JumpReLUExportMixin:
         register = self.register_buffer  # type: ignore[attr-defined]
         register("calibration_inputs", inputs, persistent=False)
         register(
+            "calibration_norms", torch.zeros(n, device=device), persistent=False
+        )  # inputs' norms as seen
+        register(
             "calibration_keys", torch.full((n,), -torch.inf, device=device), persistent=False
         )  # -inf: empty
+        # Every input seen since: (sum of norms, count), the population the sample is drawn from.
+        register("input_norm_totals", torch.zeros(2, dtype=torch.double, device=device), persistent=False)
         self._sampling_generator: torch.Generator | None = None
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
@@ -89,13 +97,17 @@ class JumpReLUExportMixin:
         ``threshold_calibration_tokens`` inputs with the largest keys seen so far. Computed on the
         device, with no host synchronisation. In a data-parallel step every rank draws the joined
         batch's keys and keeps those of its slice, so the ranks' samples together hold the joined
-        run's sample (:func:`calibrate_over_ranks`).
+        run's sample (:func:`calibrate_over_ranks`). Each input's norm is kept with it, and the
+        norms of all inputs are summed, for the export's correction (:func:`sample_thresholds`).
         """
         self.calibrated_thresholds.fill_(torch.nan)
         capacity = self.calibration_keys.shape[0]
         if capacity == 0:
             return
         rows = sae_in.detach().reshape(-1, self.cfg.d_in)
+        norms = rows.float().norm(dim=-1)
+        self.input_norm_totals[0] += norms.sum()
+        self.input_norm_totals[1] += rows.shape[0]
         n_ranks = self.step_ranks  # type: ignore[attr-defined]
         keys = torch.rand(rows.shape[0] * n_ranks, generator=self._generator(), device=rows.device)
         if n_ranks > 1:
@@ -112,6 +124,7 @@ class JumpReLUExportMixin:
         self.calibration_inputs[slots] = torch.where(
             write[:, None], rows[new].to(self.calibration_inputs), self.calibration_inputs[slots]
         )
+        self.calibration_norms[slots] = torch.where(write, norms[new], self.calibration_norms[slots])
         self.calibration_keys[slots] = torch.where(write, keys[new], self.calibration_keys[slots])
 
     def _generator(self) -> torch.Generator:
@@ -124,6 +137,15 @@ class JumpReLUExportMixin:
     def calibration_sample(self) -> torch.Tensor:
         """The sampled training inputs ``[n, d_in]`` (n up to ``threshold_calibration_tokens``), by key, largest first."""
         return sample_by_key(self.calibration_keys, self.calibration_inputs)
+
+    def sample_thresholds(self) -> torch.Tensor:
+        """The thresholds the run's sample gives (:func:`sample_thresholds`). ``-> [F]`` float64."""
+        keys = self.calibration_keys
+        sample, norms = (
+            sample_by_key(keys, self.calibration_inputs),
+            sample_by_key(keys, self.calibration_norms),
+        )
+        return sample_thresholds(self, sample, norms, self.input_norm_totals)
 
     def set_inference_thresholds(self, thresholds: torch.Tensor) -> None:
         """Pin the exported thresholds (``[F]``) until the next training step."""
@@ -138,7 +160,7 @@ class JumpReLUExportMixin:
         if not bool(self.calibrated_thresholds.isnan().any()):
             thresholds = self.calibrated_thresholds
         elif bool(torch.isfinite(self.calibration_keys).any()):
-            thresholds = exact_thresholds(self, self.calibration_sample())
+            thresholds = self.sample_thresholds()
         else:
             thresholds = self.ema_thresholds()
         if not bool(torch.isfinite(thresholds).any()):
@@ -187,10 +209,34 @@ class JumpReLUExportMixin:
         state_dict["threshold"] = self.inference_thresholds()
 
 
-def sample_by_key(keys: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-    """The inputs with a finite key, ordered by key (largest first, ties in slot order). ``-> [n, d_in]``."""
+def sample_by_key(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The values (inputs ``[N, d_in]`` or norms ``[N]``) with a finite key, ordered by key (largest
+    first, ties in slot order). ``-> [n, ...]``."""
     order = keys.argsort(descending=True, stable=True)
-    return inputs[order][torch.isfinite(keys[order])]
+    return values[order][torch.isfinite(keys[order])]
+
+
+@torch.no_grad()
+def sample_thresholds(
+    sae: JumpReLUExportMixin, sample: torch.Tensor, norms: torch.Tensor, norm_totals: torch.Tensor
+) -> torch.Tensor:
+    """Thresholds from a uniform sample of the run's inputs: exact on it, with norm-corrected counts.
+
+    ``sample [n, d_in]`` and its inputs' norms ``norms [n]`` were drawn from the run's inputs, whose
+    norms sum to ``norm_totals[0]`` over ``norm_totals[1]`` inputs. The counts are the SAE's own for
+    ``n`` tokens, corrected for the sample's mean norm (:func:`~sae_mutual_choice.calibration.
+    norm_corrected_counts`): a large-norm input fires many latents, so the count of such inputs
+    that a sample happens to draw moves the thresholds, and the correction removes most of that
+    noise. When the sample is every input the run saw, the counts stay exact. ``-> [F]`` float64.
+    """
+    n_tokens = sample.shape[0]
+    counts = sae.calibration_counts(n_tokens)
+    thresholds = thresholds_for_counts(sae, sample, counts)
+    norm_sum, n_seen = norm_totals.tolist()
+    if n_seen <= n_tokens:
+        return thresholds
+    counts = norm_corrected_counts(sae, sample, thresholds, counts, norms, norm_sum / n_seen)
+    return thresholds_for_counts(sae, sample, counts)
 
 
 @torch.no_grad()
@@ -208,20 +254,11 @@ def calibrate_over_ranks(sae: JumpReLUExportMixin) -> None:
     if capacity == 0 or not bool(torch.isfinite(keys).any()):
         return
     inputs = gather_over_ranks(sae.calibration_inputs).reshape(-1, sae.cfg.d_in)
+    norms = gather_over_ranks(sae.calibration_norms).reshape(-1)
+    totals = gather_over_ranks(sae.input_norm_totals).reshape(-1, 2).sum(0)
     kept = keys.topk(capacity).indices
-    sae.set_inference_thresholds(exact_thresholds(sae, sample_by_key(keys[kept], inputs[kept])))
-
-
-def latent_scores(sae: Any, sae_in: torch.Tensor, latents: slice) -> torch.Tensor:
-    """The training scores (``hidden_pre``) of a block of latents. ``[N, d_in] -> [N, len(latents)]``.
-
-    ``sae_in`` has been through ``sae.process_sae_in``. Equals ``sae.encode_with_hidden_pre(x)[1]``
-    restricted to ``latents``, including the decoder-norm rescaling.
-    """
-    scores = sae_in @ sae.W_enc[:, latents] + sae.b_enc[latents]
-    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
-        scores = scores * sae.W_dec[latents].norm(dim=-1)
-    return scores
+    sample, sample_norms = sample_by_key(keys[kept], inputs[kept]), sample_by_key(keys[kept], norms[kept])
+    sae.set_inference_thresholds(sample_thresholds(sae, sample, sample_norms, totals))
 
 
 @torch.no_grad()
@@ -229,33 +266,6 @@ def exact_thresholds(sae: JumpReLUExportMixin, activations: torch.Tensor) -> tor
     """Exact thresholds of ``sae`` on ``activations`` (``[..., d_in]``); never below 0. ``-> [F]`` float64."""
     n_tokens = activations.reshape(-1, sae.cfg.d_in).shape[0]
     return thresholds_for_counts(sae, activations, sae.calibration_counts(n_tokens))
-
-
-@torch.no_grad()
-def thresholds_for_counts(
-    sae: Any, activations: torch.Tensor, counts: int | torch.Tensor, max_block_bytes: int = 1 << 28
-) -> torch.Tensor:
-    """Thresholds under which ``sae`` fires exactly ``counts`` of its scores on ``activations``; never below 0.
-
-    ``counts``: an int (one global threshold, that many (token, latent) pairs above it) or a
-    tensor ``[F]`` (per latent, that many tokens above its threshold). ``sae`` is any SAE with
-    ``W_enc``, ``b_enc`` and ``process_sae_in`` (a training SAE here, or an exported JumpReLU SAE).
-    Scores are computed a block of latents at a time. ``-> [F]`` float64.
-    """
-    x = activations.reshape(-1, sae.cfg.d_in).to(sae.W_enc.device, sae.W_enc.dtype)
-    sae_in = sae.process_sae_in(x)
-    n_tokens, n_latents = sae_in.shape[0], sae.cfg.d_sae
-    block = max(1, min(n_latents, max_block_bytes // (4 * n_tokens)))
-    blocks = [slice(start, min(start + block, n_latents)) for start in range(0, n_latents, block)]
-    if isinstance(counts, int):
-        thresholds = torch.full(
-            (n_latents,), _global_threshold(sae, sae_in, blocks, counts), dtype=torch.double
-        )
-    else:
-        thresholds = torch.cat(
-            [_per_latent_thresholds(latent_scores(sae, sae_in, s), counts[s]) for s in blocks]
-        ).double()
-    return thresholds.clamp(min=0).to(sae.W_enc.device)
 
 
 def calibrate_thresholds(sae: Any, activations: torch.Tensor) -> torch.Tensor:
@@ -275,30 +285,3 @@ def calibrate_thresholds(sae: Any, activations: torch.Tensor) -> torch.Tensor:
     validate_activations(activations, sae.cfg.d_in)
     sae.set_inference_thresholds(exact_thresholds(sae, activations))
     return sae.inference_thresholds()
-
-
-def _per_latent_thresholds(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Per column, midway between the ``count``-th and ``(count + 1)``-th largest scores.
-
-    Midway, so that the float rounding of a differently folded copy of the weights cannot flip a
-    boundary token; ``-inf`` when the count is every token, the largest score when it is 0.
-    """
-    n_tokens = scores.shape[0]
-    counts = counts.to(scores.device)
-    depth = min(n_tokens, int(counts.max()) + 1)
-    ordered = scores.float().topk(depth, dim=0).values
-    last_kept = ordered.gather(0, (counts - 1).clamp(0, depth - 1)[None])[0]
-    first_dropped = ordered.gather(0, counts.clamp(max=depth - 1)[None])[0]
-    midway = torch.where(counts > 0, (last_kept + first_dropped) / 2, first_dropped)
-    return torch.where(counts >= n_tokens, -torch.inf, midway)
-
-
-def _global_threshold(sae: Any, sae_in: torch.Tensor, blocks: list[slice], count: int) -> float:
-    """Midway between the ``count``-th and ``(count + 1)``-th largest scores over all tokens and latents."""
-    kept = sae_in.new_empty(0, dtype=torch.float32)
-    for latents in blocks:
-        merged = torch.cat([kept, latent_scores(sae, sae_in, latents).float().flatten()])
-        kept = merged.topk(min(count + 1, merged.numel())).values
-    if kept.numel() <= count:
-        return -float("inf")
-    return float(kept[count] if count == 0 else (kept[count - 1] + kept[count]) / 2)

@@ -269,7 +269,11 @@ def test_held_out_l0_benchmark_runs_on_saved_saes(compared):
     assert len(rows) == 3 and rows[0].endswith("| 2 |")  # two whole 16,384-token chunks
     # Recalibrated on samples of 1,024 and 4,096 training tokens: spread over the 12 draws, and less
     # of it with the larger sample (on 6,200 training tokens, held-out text).
-    spreads = [float(cell.split("±")[1]) for cell in rows[1].split("|")[4:6]]
+    cells = rows[1].split("|")
+    spreads = [float(cells[column].split("±")[1]) for column in (4, 6)]
     assert 0 < spreads[1] < spreads[0]
+    # The export's norm correction on the same samples: less spread at either size.
+    corrected = [float(cells[column].split("±")[1]) for column in (5, 7)]
+    assert corrected[0] < spreads[0] and corrected[1] < spreads[1]
     addresses = rows[2].split("|")
     assert float(addresses[3]) > float(addresses[4]) > 0  # the sd between addresses, the se of their mean

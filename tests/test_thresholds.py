@@ -15,8 +15,9 @@ from sae_mutual_choice import (
     TokenChoiceTrainingSAEConfig,
     calibrate_thresholds,
 )
+from sae_mutual_choice.calibration import latent_scores
 from sae_mutual_choice.checkpoints import load_training_checkpoint
-from sae_mutual_choice.thresholds import latent_scores
+from sae_mutual_choice.thresholds import sample_thresholds
 
 D_IN, D_SAE = 16, 64
 
@@ -83,7 +84,7 @@ def test_feature_choice_calibration_gives_every_latent_its_capacity(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["mutual_choice", "feature_choice"])
-def test_export_defaults_to_exact_calibration_on_a_sample_of_the_training_inputs(arch, tmp_path):
+def test_export_defaults_to_the_corrected_calibration_on_a_sample_of_the_training_inputs(arch, tmp_path):
     sae = _sae(arch, threshold_calibration_tokens=100)
     _train(sae, steps=4)  # 256 inputs seen; 100 of them are kept
     seen = torch.cat([_data(64, step) for step in range(4)])
@@ -91,10 +92,41 @@ def test_export_defaults_to_exact_calibration_on_a_sample_of_the_training_inputs
     assert sample.shape == (100, D_IN)
     assert torch.unique(sample, dim=0).shape[0] == 100  # distinct inputs, each one seen in training
     assert bool((sample[:, None] == seen[None]).all(-1).any(-1).all())
-    exported_default = _exported(sae, tmp_path / "default")
-    calibrate_thresholds(sae, sample)
-    exported_explicit = _exported(sae, tmp_path / "explicit")
-    torch.testing.assert_close(exported_default.threshold, exported_explicit.threshold)
+    # The norms of the run's inputs, recomputed here: the export corrects for the sample's.
+    norms = seen.norm(dim=-1).double()
+    totals = torch.tensor([float(norms.sum()), 256.0], dtype=torch.double)
+    expected = sample_thresholds(sae, sample, sample.norm(dim=-1), totals)
+    torch.testing.assert_close(_exported(sae, tmp_path / "default").threshold, expected.float())
+
+
+@pytest.mark.parametrize("arch", ["mutual_choice", "feature_choice"])
+def test_a_sample_of_every_input_calibrates_exactly_on_them(arch, tmp_path):
+    sae = _sae(arch, threshold_calibration_tokens=1000)
+    _train(sae, steps=4)
+    seen = torch.cat([_data(64, step) for step in range(4)])
+    default = _exported(sae, tmp_path / "default").threshold
+    calibrate_thresholds(sae, seen)
+    torch.testing.assert_close(default, _exported(sae, tmp_path / "explicit").threshold)
+
+
+@pytest.mark.parametrize("arch", ["mutual_choice", "feature_choice"])
+def test_the_norm_correction_brings_the_export_closer_to_k_on_the_run(arch):
+    """Inputs whose norms spread widely (a few large ones fire many latents): calibrated on a sample,
+    the corrected export's L0 on all the run's inputs is much nearer k than the plain calibration's."""
+    plain_error, corrected_error = 0.0, 0.0
+    for seed in range(6):
+        sae = _sae(arch, threshold_calibration_tokens=256)
+        generator = torch.Generator().manual_seed(100 + seed)
+        scale = torch.exp(torch.randn(4096, 1, generator=generator))  # log-normal norms
+        run = torch.randn(4096, D_IN, generator=generator) * scale
+        for batch in run.split(256):
+            sae.remember_inputs(batch)
+        corrected = sae.inference_thresholds()
+        plain = calibrate_thresholds(sae, sae.calibration_sample())
+        scores = latent_scores(sae, sae.process_sae_in(run), slice(None))
+        plain_error += abs(float((scores > plain).sum(-1).float().mean()) - 4.0)
+        corrected_error += abs(float((scores > corrected).sum(-1).float().mean()) - 4.0)
+    assert corrected_error < 0.5 * plain_error
 
 
 def test_the_calibration_sample_is_uniform_over_the_whole_run():
@@ -209,6 +241,7 @@ def test_a_checkpoint_holds_its_thresholds_not_activations(arch, tmp_path):
     # Loaded without training, the checkpoint exports exactly what the run exported at that step.
     loaded = load_training_checkpoint(tmp_path / "checkpoint")
     assert loaded.calibration_sample().shape[0] == 0
+    assert loaded.input_norm_totals.tolist() == [0.0, 0.0]  # the sample's population starts afresh too
     torch.testing.assert_close(
         _exported(loaded, tmp_path / "a").threshold, _exported(sae, tmp_path / "b").threshold
     )
