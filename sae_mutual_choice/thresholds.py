@@ -5,21 +5,19 @@ exported thresholds come from, first match wins:
 
 1. an explicit :func:`calibrate_thresholds` on activations the user supplies (until training
    moves on); a checkpoint pins the thresholds it would export here, see below;
-2. the exact calibration on a uniform random sample of ``threshold_calibration_tokens`` of all
+2. the calibration on a uniform random sample of ``threshold_calibration_tokens`` of all
    training inputs (reservoir sampling), computed with the final weights when the inference model
-   is saved;
+   is saved: exact on the sample, for counts corrected for the sample's mean input norm against
+   the run's (:func:`sample_thresholds`);
 3. the bias-corrected running estimate kept during training (also logged as a metric).
 
 The sample is uniform over the whole run, not the latest inputs: a corpus read in order (the
 embedded one is by date) makes the latest inputs a few documents, whose thresholds do not carry
 over to other text. It lives in memory only: a checkpoint holds the F thresholds computed from
 it with the checkpoint's weights (in ``calibrated_thresholds``), not copies of model activations;
-a resumed run samples afresh from the inputs it sees.
+a resumed run samples afresh from the inputs it sees (and sums their norms afresh).
 
-Exact calibration uses order statistics: Mutual Choice gets the one global threshold with
-``int(k * N)`` of the ``N x F`` scores above it; Feature Choice gets, per latent, the threshold
-with exactly its capacity's worth of the ``N`` tokens above it. Scores are computed a block of
-latents at a time, so memory is bounded by ``N`` times the block.
+The order statistics themselves are in :mod:`sae_mutual_choice.calibration`.
 """
 
 from typing import Any
