@@ -4,8 +4,8 @@ Trains each architecture with SAELens's ``SyntheticSAERunner`` (Zipfian firing p
 SynthSAEBench) and measures mean L0 on held-out samples for three threshold sources:
 
 - ``ema``: the bias-corrected running estimate kept during training;
-- ``runner``: the inference SAE the runner writes (exact calibration on the last
-  ``threshold_calibration_tokens`` training inputs), reloaded with plain SAELens;
+- ``runner``: the inference SAE the runner writes (calibration on a uniform sample of
+  ``threshold_calibration_tokens`` training inputs, norm-corrected), reloaded with plain SAELens;
 - ``calibrated``: after ``calibrate_thresholds`` on a separate calibration set, saved and reloaded.
 
 For Feature Choice it also reports how closely each latent's firing rate tracks its capacity share.
