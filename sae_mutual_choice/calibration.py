@@ -105,13 +105,13 @@ def norm_corrected_counts(
     (per-latent counts), within ``[0, N]`` per latent. ``-> int`` or ``[F]`` long.
     """
     x = sae.process_sae_in(activations.reshape(-1, sae.cfg.d_in).to(sae.W_enc.device, sae.W_enc.dtype))
-    centred = norms.to(x.device, torch.float64)
-    centred = centred - centred.mean()
+    norms = norms.to(x.device, torch.float64)
+    centred = norms - norms.mean()
     spread = float(centred.square().sum())
     n_tokens = x.shape[0]
     if spread == 0.0:
         return counts
-    excess = n_tokens * (float(norms.double().mean()) - population_mean_norm)
+    excess = n_tokens * (float(norms.mean()) - population_mean_norm)
     weights = centred.float()[None]
     slopes = (
         torch.cat(
@@ -126,6 +126,22 @@ def norm_corrected_counts(
         return min(max(counts + round(excess * float(slopes.sum())), 0), n_tokens * sae.cfg.d_sae)
     target = (counts.to(slopes) + excess * slopes).clamp(0, n_tokens)
     return round_capacities(target, torch.zeros_like(target), round(float(target.sum())), n_tokens)[0]
+
+
+@torch.no_grad()
+def norm_corrected_thresholds(
+    sae: Any,
+    activations: torch.Tensor,
+    counts: int | torch.Tensor,
+    norms: torch.Tensor,
+    population_mean_norm: float,
+) -> torch.Tensor:
+    """Thresholds exact on the sample ``activations [N, d_in]`` for ``counts`` corrected by
+    :func:`norm_corrected_counts` (calibrated once with ``counts`` to measure the slopes, then with the
+    corrected counts). ``-> [F]`` float64."""
+    exact = thresholds_for_counts(sae, activations, counts)
+    corrected = norm_corrected_counts(sae, activations, exact, counts, norms, population_mean_norm)
+    return thresholds_for_counts(sae, activations, corrected)
 
 
 def latent_blocks(n_tokens: int, n_latents: int, max_block_bytes: int = MAX_BLOCK_BYTES) -> list[slice]:

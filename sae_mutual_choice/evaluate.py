@@ -25,7 +25,7 @@ from sae_lens.util import get_special_token_ids
 from tqdm.auto import tqdm
 
 from sae_mutual_choice.allocation import batch_budget
-from sae_mutual_choice.calibration import latent_scores, thresholds_for_counts
+from sae_mutual_choice.calibration import latent_blocks, latent_scores, thresholds_for_counts
 from sae_mutual_choice.zipf import fit_zipf, round_capacities
 
 DENSE_DENSITY = 0.1
@@ -155,10 +155,7 @@ def counts_at_k(sae: SAE[Any], activations: torch.Tensor, k: float) -> int | tor
         return budget
     x = sae.process_sae_in(activations.to(sae.W_enc.device, sae.W_enc.dtype))
     fired = torch.cat(
-        [
-            (latent_scores(sae, x, s) > threshold[s]).sum(0)
-            for s in (slice(a, a + 1024) for a in range(0, sae.cfg.d_sae, 1024))
-        ]
+        [(latent_scores(sae, x, s) > threshold[s]).sum(0) for s in latent_blocks(n_tokens, sae.cfg.d_sae)]
     ).double()
     shares = fired * (budget / max(float(fired.sum()), 1.0))
     return round_capacities(shares, torch.zeros_like(shares), budget, n_tokens)[0]

@@ -32,8 +32,9 @@ class MutualChoiceTrainingSAEConfig(AllocationFields, BatchTopKTrainingSAEConfig
     0.1 rather than BatchTopK's 0.01, because the per-batch boundary is an order statistic of many
     pairs (little noise) and a slow average trails the threshold as it rises during training.
     ``threshold_calibration_tokens``: the size of the uniform sample of training inputs the SAE keeps
-    to calibrate its exported thresholds exactly (0: export the running estimate instead); the
-    exported L0's sampling noise falls as its square root (docs/method.md, "Inference export").
+    to calibrate its exported thresholds (exact on the sample, for counts corrected for its mean
+    input norm; 0: export the running estimate instead); the exported L0's sampling noise falls as
+    its square root (docs/method.md, "Inference export").
     """
 
     topk_threshold_lr: float = 0.1

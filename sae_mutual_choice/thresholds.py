@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from sae_mutual_choice.base import validate_activations
-from sae_mutual_choice.calibration import norm_corrected_counts, thresholds_for_counts
+from sae_mutual_choice.calibration import norm_corrected_thresholds, thresholds_for_counts
 from sae_mutual_choice.collectives import gather_over_ranks, rank
 
 LEGACY_CHECKPOINT_BUFFERS = ("recent_inputs", "recent_inputs_filled", "recent_inputs_next")
@@ -136,15 +136,6 @@ class JumpReLUExportMixin:
         """The sampled training inputs ``[n, d_in]`` (n up to ``threshold_calibration_tokens``), by key, largest first."""
         return sample_by_key(self.calibration_keys, self.calibration_inputs)
 
-    def sample_thresholds(self) -> torch.Tensor:
-        """The thresholds the run's sample gives (:func:`sample_thresholds`). ``-> [F]`` float64."""
-        keys = self.calibration_keys
-        sample, norms = (
-            sample_by_key(keys, self.calibration_inputs),
-            sample_by_key(keys, self.calibration_norms),
-        )
-        return sample_thresholds(self, sample, norms, self.input_norm_totals)
-
     def set_inference_thresholds(self, thresholds: torch.Tensor) -> None:
         """Pin the exported thresholds (``[F]``) until the next training step."""
         with torch.no_grad():
@@ -158,7 +149,8 @@ class JumpReLUExportMixin:
         if not bool(self.calibrated_thresholds.isnan().any()):
             thresholds = self.calibrated_thresholds
         elif bool(torch.isfinite(self.calibration_keys).any()):
-            thresholds = self.sample_thresholds()
+            norms = sample_by_key(self.calibration_keys, self.calibration_norms)
+            thresholds = sample_thresholds(self, self.calibration_sample(), norms, self.input_norm_totals)
         else:
             thresholds = self.ema_thresholds()
         if not bool(torch.isfinite(thresholds).any()):
@@ -228,13 +220,10 @@ def sample_thresholds(
     noise. When the sample is every input the run saw, the counts stay exact. ``-> [F]`` float64.
     """
     n_tokens = sample.shape[0]
-    counts = sae.calibration_counts(n_tokens)
-    thresholds = thresholds_for_counts(sae, sample, counts)
     norm_sum, n_seen = norm_totals.tolist()
     if n_seen <= n_tokens:
-        return thresholds
-    counts = norm_corrected_counts(sae, sample, thresholds, counts, norms, norm_sum / n_seen)
-    return thresholds_for_counts(sae, sample, counts)
+        return exact_thresholds(sae, sample)
+    return norm_corrected_thresholds(sae, sample, sae.calibration_counts(n_tokens), norms, norm_sum / n_seen)
 
 
 @torch.no_grad()
