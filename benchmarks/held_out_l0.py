@@ -13,6 +13,11 @@ An exported Mutual or Feature Choice SAE is calibrated on a uniform sample of
      those tokens, the mean and standard deviation of its held-out L0 / k; plain (exact on the
      sample) and norm-corrected as the export does (``calibration.norm_corrected_counts``, the
      N tokens' mean norm being the population's), on the same samples.
+   - *what predicts a token's L0* under the export recalibrated on all N tokens: its correlation with
+     the input's norm, the mean L0 / k of the 1 % largest-norm inputs, and the share of its variance
+     (R²) a least-squares fit explains from the norm, the norm and its square, those and the input's
+     projection on the mean input, and the token's L0 in its own ``BATCH_TOKENS``-token batch under
+     the training rule with these weights (top k·B pairs of the batch; per latent its share of them).
 3. With ``--pool-rows``, the held-out split address by address (each packed on its own): the spread of
    L0 / k between addresses, and the standard error that spread gives the token-weighted mean of the
    held-out addresses (how far another choice of held-out addresses could move figure 1).
@@ -29,7 +34,7 @@ import torch
 from sae_lens import SAE
 
 from sae_mutual_choice import embedded
-from sae_mutual_choice.calibration import norm_corrected_thresholds, thresholds_for_counts
+from sae_mutual_choice.calibration import latent_scores, norm_corrected_thresholds, thresholds_for_counts
 from sae_mutual_choice.compare import CompareSpec, held_out_store, held_out_text, load_any_model
 from sae_mutual_choice.evaluate import (
     at_k,
@@ -42,6 +47,7 @@ from sae_mutual_choice.evaluate import (
 from sae_mutual_choice.yaml_config import read_yaml
 
 CHUNK_TOKENS = 16_384
+BATCH_TOKENS = 2048
 
 
 def main() -> None:
@@ -102,6 +108,7 @@ def decompose(
     norms = pool.norm(dim=-1)
     population_mean_norm = float(norms.double().mean())
     generator = torch.Generator().manual_seed(0)
+    l0_predictors(saes, pool, norms)
     print(f"\ntraining text: {pool.shape[0]:,} tokens (the first {pool_rows} rows of the training split);")
     print(f"held-out L0 / k after recalibrating on it, and on {repeats} random samples of it (mean ± sd)\n")
     print(
@@ -146,6 +153,52 @@ def decompose(
             f"| {name} | {mean:.4f} | {sd:.4f} | {sd * float(weights.pow(2).sum().sqrt()):.4f} | "
             f"{float(ratios.min()):.4f} ({low}) | {float(ratios.max()):.4f} ({high}) |"
         )
+
+
+@torch.no_grad()
+def l0_predictors(saes: dict[str, SAE[Any]], pool: torch.Tensor, norms: torch.Tensor) -> None:
+    """Section 2's last part: what predicts a token's L0 under the export recalibrated on ``pool``."""
+    norm = norms.double()
+    projection = (pool @ (pool.mean(0) / pool.mean(0).norm())).double()
+    top = norm > norm.quantile(0.99)
+    print(f"\nper-token L0 on the {pool.shape[0]:,} training tokens, export recalibrated on all of them\n")
+    print(
+        "| SAE | r(L0, norm) | L0 / k, 1 % largest norms | R²: norm | norm, norm² | norm, norm², projection "
+        f"| L0 in its {BATCH_TOKENS}-token batch |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, sae in saes.items():
+        k = k_of(sae)
+        calibrated = at_k(sae, pool, k)
+        l0 = per_token_l0(calibrated, pool).double()
+        in_batch = torch.cat([batch_l0(calibrated, batch, k) for batch in pool.split(BATCH_TOKENS)]).double()
+        fits = [[norm], [norm, norm**2], [norm, norm**2, projection], [in_batch]]
+        cells = [
+            f"{float(torch.corrcoef(torch.stack([l0, norm]))[0, 1]):.3f}",
+            f"{float(l0[top].mean()) / k:.1f}",
+        ]
+        cells += [f"{explained(l0, covariates):.3f}" for covariates in fits]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def batch_l0(sae: SAE[Any], batch: torch.Tensor, k: float) -> torch.Tensor:
+    """Per-token L0 of ``batch [B, d_in]`` under the training rule with ``sae``'s weights: the top
+    ``k * B`` pairs (one global threshold), or per latent its share of them (per-latent thresholds)."""
+    counts = counts_at_k(sae, batch, k)
+    scores = latent_scores(sae, sae.process_sae_in(batch.to(sae.W_enc.device)), slice(None))
+    if isinstance(counts, int):
+        fires = scores >= scores.flatten().topk(counts).values[-1]
+    else:
+        rank = scores.argsort(dim=0, descending=True, stable=True).argsort(dim=0)
+        fires = rank < counts.to(rank.device)[None]
+    return (fires & (scores > 0)).sum(-1).cpu()
+
+
+def explained(target: torch.Tensor, covariates: list[torch.Tensor]) -> float:
+    """R² of the least-squares fit of ``target [N]`` on an intercept and ``covariates`` (each ``[N]``)."""
+    design = torch.stack([torch.ones_like(target)] + [(c - c.mean()) / c.std() for c in covariates], 1)
+    fit = design @ torch.linalg.lstsq(design, target[:, None]).solution
+    return 1 - float((target - fit[:, 0]).var() / target.var())
 
 
 def sample_calibrations(

@@ -266,14 +266,18 @@ def test_held_out_l0_benchmark_runs_on_saved_saes(compared):
         capture_output=True, text=True, check=True, timeout=300,
     )  # fmt: skip
     rows = [line for line in done.stdout.splitlines() if line.startswith("| mutual_choice |")]
-    assert len(rows) == 3 and rows[0].endswith("| 2 |")  # two whole 16,384-token chunks
+    assert len(rows) == 4 and rows[0].endswith("| 2 |")  # two whole 16,384-token chunks
+    # What predicts a token's L0: shares of its variance, each in [0, 1]; the norm and its square
+    # explain at least what the norm alone does (nested least-squares fits).
+    explained = [float(cell) for cell in rows[1].split("|")[4:8]]
+    assert all(0 <= r2 <= 1 for r2 in explained) and explained[1] >= explained[0]
     # Recalibrated on samples of 1,024 and 4,096 training tokens: spread over the 12 draws, and less
     # of it with the larger sample (on 6,200 training tokens, held-out text).
-    cells = rows[1].split("|")
+    cells = rows[2].split("|")
     spreads = [float(cells[column].split("±")[1]) for column in (4, 6)]
     assert 0 < spreads[1] < spreads[0]
     # The export's norm correction on the same samples: less spread at either size.
     corrected = [float(cells[column].split("±")[1]) for column in (5, 7)]
     assert corrected[0] < spreads[0] and corrected[1] < spreads[1]
-    addresses = rows[2].split("|")
+    addresses = rows[3].split("|")
     assert float(addresses[3]) > float(addresses[4]) > 0  # the sd between addresses, the se of their mean
