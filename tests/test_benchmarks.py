@@ -4,6 +4,7 @@ They assert nothing about which architecture wins; the figures belong to the scr
 """
 
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,82 @@ def test_benchmark_runs(script, args, header, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert header in done.stdout
+
+
+def test_end_to_end_times_every_part(tmp_path):
+    """benchmarks/end_to_end.py on the tiny compare: each part timed, the parts inside the profiled run."""
+    import json
+
+    out = tmp_path / "end_to_end.json"
+    config = ROOT / "tests" / "data" / "compare_tiny.yaml"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "end_to_end.py"), "--config", str(config), "--out", str(out)],
+        capture_output=True, text=True, check=False, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| part (profiled run) | seconds | ms per step | share |" in done.stdout
+    result = json.loads(out.read_text())
+    parts = result["parts_seconds"]
+    saes = ["SAE topk", "SAE mutual_choice", "SAE feature_choice"]
+    assert set(parts) == {"model", "store", "trainer (rest)", *saes}
+    assert all(parts[name] > 0 for name in ["model", "store", *saes])
+    assert parts["trainer (rest)"] >= 0  # the timed parts are disjoint and inside the profiled run
+    tokens_per_second = result["train_tokens_per_second"]
+    assert result["steps"] == 32 and tokens_per_second * result["plain_seconds"] == pytest.approx(8192)
+
+
+def test_end_to_end_stands_in_for_a_missing_model(monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    end_to_end = importlib.import_module("end_to_end")
+    settings = {"runner": {"model_name": "smollm2-135m-instruct", "device": "cuda"}, "saes": {}}
+    monkeypatch.setattr(end_to_end.embedded, "smollm2_gguf_dir", lambda: None)
+    replaced = end_to_end.with_stand_in_model(settings)
+    assert replaced["runner"] == {"model_name": "smollm2-135m-random", "device": "cuda"}
+    assert settings["runner"]["model_name"] == "smollm2-135m-instruct"  # the caller's dict is not changed
+    assert end_to_end.with_stand_in_model({"runner": {"model_name": "tiny-random"}}) == {
+        "runner": {"model_name": "tiny-random"}
+    }
+    monkeypatch.setattr(end_to_end.embedded, "smollm2_gguf_dir", lambda: ROOT)
+    assert end_to_end.with_stand_in_model(settings) is settings
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "$*" >>"$CALLS"
+case "$*" in
+    *is_available*) echo "Fake GPU" ;;
+    *tomllib*|*find_spec*) exec "$REAL_PYTHON" "$@" ;;
+    *step_time.py*--autocast*) exit 3 ;;
+esac
+"""
+
+
+def test_gpu_script_runs_every_part_and_reports_each_status(tmp_path):
+    """benchmarks/gpu.sh with a stand-in python: a failing part stops none of the others, the summary
+    gives each part's exit status, and WHEELS installs the project's dependencies offline."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    calls, out = tmp_path / "calls.txt", tmp_path / "gpu"
+    env = {
+        **os.environ,
+        "PYTHON": str(fake),
+        "REAL_PYTHON": sys.executable,
+        "CALLS": str(calls),
+        "WHEELS": str(tmp_path / "wheels"),
+    }
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(out)],
+        capture_output=True, text=True, check=False, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    summary = (out / "summary.txt").read_text().splitlines()
+    parts = ["syncs", "syncs_test", "step_time_fp32", "step_time_bf16", "fused_pairs", "end_to_end_fp32"]
+    for name in parts:
+        assert f"{name}: exit {3 if name == 'step_time_bf16' else 0}" in summary
+    assert (out / "device.txt").read_text() == "Fake GPU\n"
+    (install,) = [line for line in calls.read_text().splitlines() if line.startswith("-m pip install")]
+    assert f"--no-index --find-links {tmp_path / 'wheels'}" in install
+    assert "sae-lens" in (out / "requirements.txt").read_text()
 
 
 def test_fused_decode_candidates_agree_with_the_sparse_steps_decode():
