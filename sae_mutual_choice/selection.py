@@ -7,9 +7,9 @@ sorted by flat index ``token * F + latent``; the tests compare the two on tied a
 
 - Token Choice: one per-token ``topk(k + 1)``; the extra column proves that no tie crosses the
   boundary, else the dense rule decides that token.
-- Mutual Choice: per-row shortlists (``ceil(budget / rows)`` best of each row along the memory-
-  contiguous dimension) give a cut that is at most the true budget-th score, so the pairs at or
-  above the cut contain the selection; one global order statistic over those candidates finishes.
+- Mutual Choice: per-row shortlists (the ``4 × ceil(budget / rows)`` best of each row along the
+  memory-contiguous dimension) give a cut that is at most the true budget-th score, so the pairs at
+  or above the cut contain the selection; one global order statistic over those candidates finishes.
   Exact by construction, with no flat top-k over all B·F scores.
 - Feature Choice: latents are grouped by capacity into power-of-two widths and each group takes
   one ``topk`` over its latents' contiguous rows of the latent-major scores ``[F, B]``; a latent
@@ -34,6 +34,12 @@ SHORTLIST_OVER_MEAN_CAPACITY = 8
 # Tie-free keys of a block of latents at a time: at most this many bytes.
 KEY_BLOCK_BYTES = 1 << 27
 
+# Mutual Choice: each row's shortlist, relative to its even share of the budget. With one share, rows
+# holding far more (large-norm tokens, frequent latents) pull the cut down: on the demo's activations
+# and trained SAE, 12 (rows = tokens) to 34 (rows = latents) x the budget became candidates to sort.
+# Four shares let 1.0-2.9 x through, 2-4 x faster; where one share suffices (Gaussian inputs, a new
+# SAE) they cost about 30 % more. benchmarks/mc_shortlist.py measures it (docs/performance.md).
+SHORTLIST_OVER_ROW_SHARE = 4
 # Mutual Choice over ranks: the first round's list, relative to the rank's expected share of the
 # budget (budget / ranks). 1.5 leaves a margin of half a share before a second, full round is needed.
 FIRST_ROUND_SHARE = 1.5
@@ -104,6 +110,14 @@ def _latent_major(scores: torch.Tensor) -> bool:
     return scores.stride(0) == 1 and scores.stride(1) != 1
 
 
+def candidate_cut(rows: torch.Tensor, budget: int) -> torch.Tensor:
+    """A score no larger than the ``budget``-th largest of ``rows [R, C]``: the ``budget``-th largest of
+    each row's ``SHORTLIST_OVER_ROW_SHARE × ceil(budget / R)`` best (a subset's order statistic)."""
+    per_row = min(rows.shape[1], SHORTLIST_OVER_ROW_SHARE * math.ceil(budget / rows.shape[0]))
+    shortlist = rows.topk(per_row, dim=1, sorted=False).values.reshape(-1)
+    return shortlist.kthvalue(shortlist.numel() - budget + 1).values
+
+
 def mutual_choice_entries(scores: torch.Tensor, budget: int) -> Entries:
     """The pairs :func:`~sae_mutual_choice.allocation.mutual_choice` fires on ``scores [B, F]``.
 
@@ -114,11 +128,8 @@ def mutual_choice_entries(scores: torch.Tensor, budget: int) -> Entries:
         return no_entries(scores)
     latent_major = _latent_major(scores)
     rows_view = scores.t() if latent_major else scores
-    per_row = min(rows_view.shape[1], math.ceil(budget / rows_view.shape[0]))
-    shortlist = rows_view.topk(per_row, dim=1, sorted=False).values.reshape(-1)
-    # The budget-th largest shortlisted score: no more than the budget-th largest of all scores.
+    cut = candidate_cut(rows_view, budget)
     # Only positive scores fire, so the candidates are those at or above the cut and above 0.
-    cut = shortlist.kthvalue(shortlist.numel() - budget + 1).values
     smallest_positive = torch.nextafter(cut.new_zeros(()), cut.new_ones(()))
     candidates = (rows_view >= torch.maximum(cut, smallest_positive)).nonzero()  # the one host read
     values = rows_view[candidates[:, 0], candidates[:, 1]]

@@ -28,6 +28,11 @@ ROOT = Path(__file__).parent.parent
         ),
         ("synthetic.py", ["--quick", "--out", "{tmp}/synthetic.json"], "| variant | MCC | F1 |"),
         (
+            "mc_shortlist.py",
+            ["--config", "tests/data/compare_tiny.yaml", "--tokens", "256", "--k", "4", "--reps", "1"],
+            "| inputs | rows | shares per row | candidates / budget | selection ms |",
+        ),
+        (
             "real_activations.py",
             ["--quick", "--out", "{tmp}/real.json", "--set", "runner.training_tokens=2048"],
             "| variant | width | k | norm. MSE |",

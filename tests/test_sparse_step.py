@@ -17,6 +17,7 @@ from sae_mutual_choice.host_reads import sync_free
 from sae_mutual_choice.selection import (
     SHORTLIST_OVER_MEAN_CAPACITY,
     Entries,
+    candidate_cut,
     feature_choice_entries,
     firing_statistics,
     mutual_choice_entries,
@@ -95,8 +96,23 @@ def test_fallbacks_are_exercised_and_exact(host_path):
     skewed = torch.rand(64, 32, generator=torch.Generator().manual_seed(3))
     skewed[5] += 10
     _assert_same_entries(mutual_choice_entries(skewed, 64), _pairs(mutual_choice(skewed, 64)))
-    # Each token's shortlist holds ceil(64 / 64) = 1 score; token 5 wins all 32 of its latents.
+    # Each token's shortlist holds 4 x ceil(64 / 64) = 4 scores; token 5 wins all 32 of its latents.
     assert int((mutual_choice_entries(skewed, 64).rows == 5).sum()) == 32
+
+
+def test_mutual_choice_cut_lets_few_candidates_through_on_heavy_tailed_rows():
+    """Real activations: a few tokens' norms (and latents' frequencies) are many times the median. The
+    cut must stay near the true budget-th score in either layout, or most pairs become candidates to
+    sort (with one even share per row: 31-36 x the budget here, 11-35 x on the demo's activations)."""
+    generator = torch.Generator().manual_seed(0)
+    n_tokens, n_latents, budget = 512, 1024, 512 * 8
+    token_scale = torch.exp(0.8 * torch.randn(n_tokens, 1, generator=generator))
+    latent_scale = torch.exp(0.8 * torch.randn(1, n_latents, generator=generator))
+    scores = token_scale * latent_scale * torch.randn(n_tokens, n_latents, generator=generator) - 0.5
+    for rows in (scores, scores.t()):  # the shortlisted rows: tokens (token-major), latents (latent-major)
+        cut = candidate_cut(rows.contiguous(), budget)
+        assert cut <= scores.flatten().kthvalue(scores.numel() - budget + 1).values
+        assert int((scores >= cut).sum()) < 2 * budget
 
 
 def test_firing_statistics_read_dense_and_sparse_activations():
