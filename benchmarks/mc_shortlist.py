@@ -8,10 +8,13 @@ prints, side by side in one run, the candidates per budget pair and the selectio
 layouts (rows = tokens, or latents as Feature Choice stores its scores), on the activations of the
 config's model and hook (the demo's: SmolLM2, layer 6) and on Gaussian inputs of the same median norm.
 
-    python benchmarks/mc_shortlist.py [--sae PATH] [--tokens 2048] [--k 32] [--reps 5]
+    python benchmarks/mc_shortlist.py [--sae PATH] [--tokens 2048] [--k 32] [--reps 5] [--steps 10]
 
 ``--sae``: a saved SAE whose encoder scores the inputs (e.g. the demo's results/demo/saes/feature_choice);
-by default a freshly initialised one of the config's width.
+by default a freshly initialised one of the config's width. ``--steps N``: then N training steps
+(``step_time.py``'s: forward, backward, Adam; aux_zipf) of new Mutual and Feature Choice SAEs on the
+activations, scaled to mean norm sqrt(d_in) as the demo's ``normalize_activations`` does, with one
+and with four shares, interleaved step by step; the median over steps after the second.
 """
 
 import argparse
@@ -23,6 +26,7 @@ from typing import Any
 import torch
 from sae_lens import SAE
 from sae_lens.registry import get_sae_training_class
+from step_time import build, step
 
 from sae_mutual_choice import selection
 from sae_mutual_choice.cli import demo_config
@@ -68,6 +72,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=0)
     args = parser.parse_args()
     spec = CompareSpec.from_dict(read_yaml(args.config, []))
     context = spec.setting("context_size")
@@ -97,6 +102,32 @@ def main() -> None:
             for shares in SHARES:
                 candidates, seconds = timed(scores, rows, budget, shares, args.reps)
                 print(f"| {name} | {layout} | {shares} | {candidates:.2f} | {1e3 * seconds:.1f} |")
+    if args.steps:
+        print(training_steps(x * x.shape[1] ** 0.5 / x.norm(dim=1).mean(), d_sae, args.k, args.steps))
+
+
+def training_steps(x: torch.Tensor, d_sae: int, k: int, steps: int) -> str:
+    """A table of median training-step times with one and four shares per row (see the docstring)."""
+    torch.manual_seed(0)
+    dead = torch.zeros(d_sae, dtype=torch.bool)
+    runs = {
+        (name, shares): build(name, x.shape[1], d_sae, k)
+        for name in ("mutual_choice", "feature_choice")
+        for shares in (1, 4)
+    }
+    optimizers = {key: torch.optim.Adam(sae.parameters(), lr=4e-4) for key, sae in runs.items()}
+    seconds: dict[tuple[str, int], list[float]] = {key: [] for key in runs}
+    for _ in range(steps):
+        for (name, shares), sae in runs.items():
+            selection.SHORTLIST_OVER_ROW_SHARE = shares
+            start = time.perf_counter()
+            step(sae, optimizers[(name, shares)], x, dead)
+            seconds[(name, shares)].append(time.perf_counter() - start)
+    lines = ["", "| architecture | step ms, 1 share | step ms, 4 shares |", "|---|---|---|"]
+    for name in ("mutual_choice", "feature_choice"):
+        one, four = (1e3 * statistics.median(seconds[(name, n)][2:]) for n in (1, 4))
+        lines.append(f"| {name} | {one:.1f} | {four:.1f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,18 @@ ROOT = Path(__file__).parent.parent
         ("synthetic.py", ["--quick", "--out", "{tmp}/synthetic.json"], "| variant | MCC | F1 |"),
         (
             "mc_shortlist.py",
-            ["--config", "tests/data/compare_tiny.yaml", "--tokens", "256", "--k", "4", "--reps", "1"],
+            [
+                "--config",
+                "tests/data/compare_tiny.yaml",
+                "--tokens",
+                "256",
+                "--k",
+                "4",
+                "--reps",
+                "1",
+                "--steps",
+                "3",
+            ],
             "| inputs | rows | shares per row | candidates / budget | selection ms |",
         ),
         (
