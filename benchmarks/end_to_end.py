@@ -111,6 +111,8 @@ def measure(spec: CompareSpec) -> dict[str, Any]:
     )
     parts = Parts(torch.device(cfg.device))
     profiled = train(spec, model, dataset, parts)
+    if parts.cuda:
+        torch.cuda.reset_peak_memory_stats()
     plain = train(spec, model, dataset, None)
     seconds = dict(parts.seconds)
     seconds["store"] = seconds.pop("supply") - seconds["model"]
@@ -127,6 +129,8 @@ def measure(spec: CompareSpec) -> dict[str, Any]:
         "plain_seconds": plain,
         "train_tokens_per_second": cfg.training_tokens / plain,
         "parts_seconds": seconds,
+        # The plain run's peak CUDA memory (model, store, SAEs and their optimisers), when on CUDA.
+        "peak_cuda_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if parts.cuda else None,
     }
 
 
@@ -155,7 +159,12 @@ def table(result: dict[str, Any]) -> str:
         f"| all (profiled) | {profiled:.2f} | {1e3 * profiled / steps:.1f} | 100% |",
         "",
         f"plain run: {result['plain_seconds']:.2f} s, {1e3 * result['plain_seconds'] / steps:.1f} ms per step, "
-        f"**{result['train_tokens_per_second']:,.0f} training tokens/s**",
+        f"**{result['train_tokens_per_second']:,.0f} training tokens/s**"
+        + (
+            f", peak CUDA memory {result['peak_cuda_memory_gb']:.1f} GB"
+            if result["peak_cuda_memory_gb"]
+            else ""
+        ),
     ]
     return "\n".join(lines)
 

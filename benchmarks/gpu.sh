@@ -4,9 +4,9 @@
 # under bf16 autocast (step time / SAELens topk, / batchtopk, / the encoder matmul; peak memory), the
 # sparse step's decode against a torch.compile (Triton) fused one, the demo's five SAEs end to end
 # on CUDA with where the time goes (benchmarks/end_to_end.py, float32 and bf16 autocast), and the
-# quick demo on CUDA (the whole pipeline: training, export, evaluation). About 5 minutes on one
-# H200-class GPU; each part has its own timeout (together 8 minutes), and a part that fails or
-# times out does not stop the others (the summary at the end gives each part's exit status).
+# quick demo on CUDA (the whole pipeline: training, export, evaluation). Each part has its own
+# timeout (together 8 minutes; not yet run on a GPU), and a part that fails or times out does not
+# stop the others (the summary at the end gives each part's exit status).
 #
 #   bash benchmarks/gpu.sh [OUT_DIR]            # default results/gpu
 #   WHEELS=DIR bash benchmarks/gpu.sh [OUT_DIR] # offline: first install what is missing from DIR's wheels
