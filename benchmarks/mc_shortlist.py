@@ -12,9 +12,11 @@ config's model and hook (the demo's: SmolLM2, layer 6) and on Gaussian inputs of
 
 ``--sae``: a saved SAE whose encoder scores the inputs (e.g. the demo's results/demo/saes/feature_choice);
 by default a freshly initialised one of the config's width. ``--steps N``: then N training steps
-(``step_time.py``'s: forward, backward, Adam; aux_zipf) of new Mutual and Feature Choice SAEs on the
-activations, scaled to mean norm sqrt(d_in) as the demo's ``normalize_activations`` does, with one
-and with four shares, interleaved step by step; the median over steps after the second.
+(``step_time.py``'s: forward, backward, Adam; aux_zipf) of Mutual and Feature Choice SAEs on the
+activations, with one and with four shares, interleaved step by step; the median over steps after
+the second. The SAEs start from ``--sae``'s weights (on the raw activations, which its export
+expects), else new (on the activations scaled to mean norm sqrt(d_in), as the demo's
+``normalize_activations`` does).
 """
 
 import argparse
@@ -103,11 +105,15 @@ def main() -> None:
                 candidates, seconds = timed(scores, rows, budget, shares, args.reps)
                 print(f"| {name} | {layout} | {shares} | {candidates:.2f} | {1e3 * seconds:.1f} |")
     if args.steps:
-        print(training_steps(x * x.shape[1] ** 0.5 / x.norm(dim=1).mean(), d_sae, args.k, args.steps))
+        if args.sae is None:
+            x = x * x.shape[1] ** 0.5 / x.norm(dim=1).mean()
+        initial = SAE.load_from_disk(args.sae, device="cpu").state_dict() if args.sae else None
+        print(training_steps(x, d_sae, args.k, args.steps, initial))
 
 
-def training_steps(x: torch.Tensor, d_sae: int, k: int, steps: int) -> str:
-    """A table of median training-step times with one and four shares per row (see the docstring)."""
+def training_steps(x: torch.Tensor, d_sae: int, k: int, steps: int, initial: dict[str, Any] | None) -> str:
+    """A table of median training-step times with one and four shares per row (see the docstring);
+    ``initial``: the SAEs' first ``W_enc``, ``b_enc``, ``W_dec`` and ``b_dec``, else new ones."""
     torch.manual_seed(0)
     dead = torch.zeros(d_sae, dtype=torch.bool)
     runs = {
@@ -115,6 +121,10 @@ def training_steps(x: torch.Tensor, d_sae: int, k: int, steps: int) -> str:
         for name in ("mutual_choice", "feature_choice")
         for shares in (1, 4)
     }
+    if initial is not None:
+        for sae in runs.values():
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                getattr(sae, name).data.copy_(initial[name])
     optimizers = {key: torch.optim.Adam(sae.parameters(), lr=4e-4) for key, sae in runs.items()}
     seconds: dict[tuple[str, int], list[float]] = {key: [] for key in runs}
     for _ in range(steps):
