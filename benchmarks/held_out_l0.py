@@ -34,7 +34,7 @@ import torch
 from sae_lens import SAE
 
 from sae_mutual_choice import embedded
-from sae_mutual_choice.calibration import latent_scores, norm_corrected_thresholds, thresholds_for_counts
+from sae_mutual_choice.calibration import latent_scores, norm_corrected_counts, thresholds_for_counts
 from sae_mutual_choice.compare import CompareSpec, held_out_store, held_out_text, load_any_model
 from sae_mutual_choice.evaluate import (
     at_k,
@@ -206,9 +206,9 @@ def sample_calibrations(
 ) -> tuple[SAE[Any], SAE[Any]]:
     """Copies of ``sae`` recalibrated on ``sample`` as :func:`at_k` does: exact, and norm-corrected."""
     counts = counts_at_k(sae, sample, k)
-    exact = thresholds_for_counts(sae, sample, counts)
-    corrected = norm_corrected_thresholds(sae, sample, counts, norms, population_mean_norm)
-    return with_thresholds(sae, exact), with_thresholds(sae, corrected)
+    exact = thresholds_for_counts(sae, sample, counts)  # also what the correction measures its slopes with
+    corrected = norm_corrected_counts(sae, sample, exact, counts, norms, population_mean_norm)
+    return with_thresholds(sae, exact), with_thresholds(sae, thresholds_for_counts(sae, sample, corrected))
 
 
 def rows_activations(model: Any, spec: CompareSpec, rows: Any) -> torch.Tensor:

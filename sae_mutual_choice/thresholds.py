@@ -63,9 +63,9 @@ class JumpReLUExportMixin:
         inputs = torch.zeros(n, self.cfg.d_in, dtype=self.W_dec.dtype, device=device)
         register = self.register_buffer  # type: ignore[attr-defined]
         register("calibration_inputs", inputs, persistent=False)
-        register(
-            "calibration_norms", torch.zeros(n, device=device), persistent=False
-        )  # inputs' norms as seen
+        # Each sampled input's norm as training saw it, the space of input_norm_totals: not derivable
+        # from the sample, which folding the scaling or whitening maps back to raw activations.
+        register("calibration_norms", torch.zeros(n, device=device), persistent=False)
         register(
             "calibration_keys", torch.full((n,), -torch.inf, device=device), persistent=False
         )  # -inf: empty
