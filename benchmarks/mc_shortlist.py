@@ -1,22 +1,24 @@
-"""Mutual Choice's candidate cut on real activations: how wide each row's shortlist should be.
+"""Mutual Choice's candidate cut on real activations: the estimated cut against per-row shortlists.
 
-``selection.mutual_choice_entries`` shortlists each row's best scores, takes the budget-th largest of
-the shortlists as a cut, and sorts every pair at or above it. With one even share of the budget per
-row, rows that hold far more than their share (large-norm tokens, frequent latents) pull the cut
-down and let many pairs through. For shortlists of 1, 2, 4 and 8 shares (the module's choice: 4) this
-prints, side by side in one run, the candidates per budget pair and the selection's time, in both
-layouts (rows = tokens, or latents as Feature Choice stores its scores), on the activations of the
-config's model and hook (the demo's: SmolLM2, layer 6) and on Gaussian inputs of the same median norm.
+``selection.mutual_choice_entries`` takes a cut, sorts every pair at or above it, and keeps the budget's
+best. Its cut is estimated from a lattice sample of the scores (``selection.estimated_cut``), with the
+bound cut (``selection.candidate_cut``: the budget-th largest of per-row shortlists of ``shares`` even
+shares of the budget) when the estimate lets fewer than the budget through. This prints, side by side in
+one run, the candidates per budget pair and the selection's time of the estimated cut and of the bound
+cut alone with 1, 2, 4 and 8 shares per row, in both layouts (rows = tokens, or latents as Feature Choice
+stores its scores), on the activations of the config's model and hook (the demo's: SmolLM2, layer 6)
+and on Gaussian inputs of the same median norm. With one share, rows that hold far more than their
+share (large-norm tokens, frequent latents) pull the bound cut down and let many pairs through.
 
     python benchmarks/mc_shortlist.py [--sae PATH] [--tokens 2048] [--k 32] [--reps 5] [--steps 10]
 
 ``--sae``: a saved SAE whose encoder scores the inputs (e.g. the demo's results/demo/saes/feature_choice);
 by default a freshly initialised one of the config's width. ``--steps N``: then N training steps
 (``step_time.py``'s: forward, backward, Adam; aux_zipf) of Mutual and Feature Choice SAEs on the
-activations, with one and with four shares, interleaved step by step; the median over steps after
-the second. The SAEs start from ``--sae``'s weights (on the raw activations, which its export
-expects), else new (on the activations scaled to mean norm sqrt(d_in), as the demo's
-``normalize_activations`` does).
+activations, with the bound cut of one and of four shares and with the estimated cut, interleaved step
+by step; the median over steps after the second. The SAEs start from ``--sae``'s weights (on the raw
+activations, which its export expects), else new (on the activations scaled to mean norm sqrt(d_in),
+as the demo's ``normalize_activations`` does).
 """
 
 import argparse
@@ -38,6 +40,9 @@ from sae_mutual_choice.evaluate import token_activations
 from sae_mutual_choice.yaml_config import read_yaml
 
 SHARES = [1, 2, 4, 8]
+# The cuts compared: the estimated one (the module's), and the bound one alone with N shares per row.
+ESTIMATED = "estimated"
+CUTS: list[str | int] = [ESTIMATED, *SHARES]
 
 
 def encoder(path: Path | None, d_in: int, d_sae: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,14 +56,27 @@ def encoder(path: Path | None, d_in: int, d_sae: int) -> tuple[torch.Tensor, tor
     return sae.W_enc.detach(), sae.b_enc.detach()
 
 
+def use_cut(cut: str | int) -> None:
+    """Make ``selection`` use the estimated cut, or the bound cut alone with ``cut`` shares per row."""
+    estimating = cut == ESTIMATED
+    selection.CUT_SAMPLE_WINNERS = DEFAULT_SAMPLE_WINNERS if estimating else 1 << 62  # too many: no sample
+    selection.SHORTLIST_OVER_ROW_SHARE = DEFAULT_SHARES if estimating else int(cut)
+
+
+DEFAULT_SAMPLE_WINNERS = selection.CUT_SAMPLE_WINNERS
+DEFAULT_SHARES = selection.SHORTLIST_OVER_ROW_SHARE
+
+
 def timed(
-    scores: torch.Tensor, rows: torch.Tensor, budget: int, shares: int, reps: int
+    scores: torch.Tensor, rows: torch.Tensor, budget: int, cut: str | int, reps: int
 ) -> tuple[float, float]:
-    """(candidates per budget pair, median seconds) of the selection with ``shares`` shares per row;
-    ``rows``: the contiguous view of ``scores`` whose rows are shortlisted."""
-    selection.SHORTLIST_OVER_ROW_SHARE = shares
-    cut = selection.candidate_cut(rows, budget)
-    candidates = int(((scores >= cut) & (scores > 0)).sum()) / budget
+    """(candidates per budget pair, median seconds) of the selection with ``cut``; ``rows``: the
+    contiguous view of ``scores`` that the cuts read."""
+    use_cut(cut)
+    value = selection.estimated_cut(rows, budget) if cut == ESTIMATED else None
+    if value is None or int(((scores >= value) & (scores > 0)).sum()) < budget:
+        value = selection.candidate_cut(rows, budget)
+    candidates = int(((scores >= value) & (scores > 0)).sum()) / budget
     seconds = []
     for _ in range(reps + 1):  # the first is a warm-up
         start = time.perf_counter()
@@ -92,7 +110,7 @@ def main() -> None:
         f"{float(norms.quantile(0.99) / norms.median()):.1f}), width {d_sae}, k {args.k}, "
         f"{args.sae or 'a new SAE'}; {torch.get_num_threads()} CPU threads\n"
     )
-    print("| inputs | rows | shares per row | candidates / budget | selection ms |")
+    print("| inputs | rows | cut | candidates / budget | selection ms |")
     print("|---|---|---|---|---|")
     for name, inputs in (("activations", x), ("Gaussian", gaussian)):
         token_major = inputs @ W_enc + b_enc
@@ -101,9 +119,10 @@ def main() -> None:
             ("tokens", token_major, token_major),
             ("latents", latent_major.t(), latent_major),
         ):
-            for shares in SHARES:
-                candidates, seconds = timed(scores, rows, budget, shares, args.reps)
-                print(f"| {name} | {layout} | {shares} | {candidates:.2f} | {1e3 * seconds:.1f} |")
+            for cut in CUTS:
+                candidates, seconds = timed(scores, rows, budget, cut, args.reps)
+                label = cut if cut == ESTIMATED else f"bound, {cut} share{'s' if cut != 1 else ''}"
+                print(f"| {name} | {layout} | {label} | {candidates:.2f} | {1e3 * seconds:.1f} |")
     if args.steps:
         if args.sae is None:
             x = x * x.shape[1] ** 0.5 / x.norm(dim=1).mean()
@@ -111,32 +130,40 @@ def main() -> None:
         print(training_steps(x, d_sae, args.k, args.steps, initial))
 
 
+STEP_CUTS: list[str | int] = [1, 4, ESTIMATED]
+
+
 def training_steps(x: torch.Tensor, d_sae: int, k: int, steps: int, initial: dict[str, Any] | None) -> str:
-    """A table of median training-step times with one and four shares per row (see the docstring);
+    """A table of median training-step times with each of ``STEP_CUTS`` (see the docstring);
     ``initial``: the SAEs' first ``W_enc``, ``b_enc``, ``W_dec`` and ``b_dec``, else new ones."""
     torch.manual_seed(0)
     dead = torch.zeros(d_sae, dtype=torch.bool)
     runs = {
-        (name, shares): build(name, x.shape[1], d_sae, k)
+        (name, cut): build(name, x.shape[1], d_sae, k)
         for name in ("mutual_choice", "feature_choice")
-        for shares in (1, 4)
+        for cut in STEP_CUTS
     }
     if initial is not None:
         for sae in runs.values():
             for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
                 getattr(sae, name).data.copy_(initial[name])
     optimizers = {key: torch.optim.Adam(sae.parameters(), lr=4e-4) for key, sae in runs.items()}
-    seconds: dict[tuple[str, int], list[float]] = {key: [] for key in runs}
+    seconds: dict[tuple[str, str | int], list[float]] = {key: [] for key in runs}
     for _ in range(steps):
-        for (name, shares), sae in runs.items():
-            selection.SHORTLIST_OVER_ROW_SHARE = shares
+        for (name, cut), sae in runs.items():
+            use_cut(cut)
             start = time.perf_counter()
-            step(sae, optimizers[(name, shares)], x, dead)
-            seconds[(name, shares)].append(time.perf_counter() - start)
-    lines = ["", "| architecture | step ms, 1 share | step ms, 4 shares |", "|---|---|---|"]
+            step(sae, optimizers[(name, cut)], x, dead)
+            seconds[(name, cut)].append(time.perf_counter() - start)
+    use_cut(ESTIMATED)
+    lines = [
+        "",
+        "| architecture | step ms, bound cut, 1 share | bound cut, 4 shares | estimated cut |",
+        "|---|---|---|---|",
+    ]
     for name in ("mutual_choice", "feature_choice"):
-        one, four = (1e3 * statistics.median(seconds[(name, n)][2:]) for n in (1, 4))
-        lines.append(f"| {name} | {one:.1f} | {four:.1f} |")
+        medians = (f"{1e3 * statistics.median(seconds[(name, cut)][2:]):.1f}" for cut in STEP_CUTS)
+        lines.append(f"| {name} | {' | '.join(medians)} |")
     return "\n".join(lines)
 
 

@@ -7,10 +7,12 @@ sorted by flat index ``token * F + latent``; the tests compare the two on tied a
 
 - Token Choice: one per-token ``topk(k + 1)``; the extra column proves that no tie crosses the
   boundary, else the dense rule decides that token.
-- Mutual Choice: per-row shortlists (the ``4 × ceil(budget / rows)`` best of each row along the
-  memory-contiguous dimension) give a cut that is at most the true budget-th score, so the pairs at
-  or above the cut contain the selection; one global order statistic over those candidates finishes.
-  Exact by construction, with no flat top-k over all B·F scores.
+- Mutual Choice: a cut estimated from a lattice sample of the scores (about 1,024 of the budget's
+  pairs expected in it, lowered by four standard deviations of that count) lets the pairs at or
+  above it through as candidates, about 1.1 × the budget; one global order statistic over them
+  finishes. The count of candidates is read anyway (``nonzero``): if it is under the budget, the
+  estimate was too high and a cut that is provably low enough (the budget-th largest of per-row
+  shortlists) replaces it. Exact either way, with no flat top-k over all B·F scores.
 - Feature Choice: latents are grouped by capacity into power-of-two widths and each group takes
   one ``topk`` over its latents' contiguous rows of the latent-major scores ``[F, B]``; a latent
   whose width cannot prove its boundary falls back to the dense rule. Without free host reads, given
@@ -34,11 +36,17 @@ SHORTLIST_OVER_MEAN_CAPACITY = 8
 # Tie-free keys of a block of latents at a time: at most this many bytes.
 KEY_BLOCK_BYTES = 1 << 27
 
-# Mutual Choice: each row's shortlist, relative to its even share of the budget. With one share, rows
-# holding far more (large-norm tokens, frequent latents) pull the cut down: on the demo's activations
-# and trained SAE, 12 (rows = tokens) to 34 (rows = latents) x the budget became candidates to sort.
-# Four shares let 1.0-2.9 x through, 2-4 x faster; where one share suffices (Gaussian inputs, a new
-# SAE) they cost about 30 % more. benchmarks/mc_shortlist.py measures it (docs/performance.md).
+# Mutual Choice's estimated cut: the sample holds about this many of the budget's pairs (every
+# (budget // it)-th score), and the cut is lowered by CUT_MARGIN_SIGMAS standard deviations of that count
+# (sqrt(1024) = 32: 1.125 x the budget pass). More: a larger sample to rank, a tighter cut.
+CUT_SAMPLE_WINNERS = 1024
+# Four standard deviations: were the sample random, an estimate too high (and the bound cut's second
+# pass) about once in 30,000 selections.
+CUT_MARGIN_SIGMAS = 4
+# Mutual Choice's bound cut: each row's shortlist, relative to its even share of the budget. With one
+# share, rows holding far more (large-norm tokens, frequent latents) pull the cut down: on the demo's
+# activations and trained SAE, 12 (rows = tokens) to 34 (rows = latents) x the budget became candidates
+# to sort. Four shares let 1.0-2.9 x through (benchmarks/mc_shortlist.py, docs/performance.md).
 SHORTLIST_OVER_ROW_SHARE = 4
 # Mutual Choice over ranks: the first round's list, relative to the rank's expected share of the
 # budget (budget / ranks). 1.5 leaves a margin of half a share before a second, full round is needed.
@@ -118,20 +126,49 @@ def candidate_cut(rows: torch.Tensor, budget: int) -> torch.Tensor:
     return shortlist.kthvalue(shortlist.numel() - budget + 1).values
 
 
+def estimated_cut(rows: torch.Tensor, budget: int) -> torch.Tensor | None:
+    """A score probably (not certainly) at most the ``budget``-th largest of ``rows [R, C]``, and close to it.
+
+    Every ``stride``-th score of the flat ``rows`` (``stride`` about ``budget / CUT_SAMPLE_WINNERS``, made
+    coprime with C so that the sample visits every column) is expected to hold ``e`` of the budget's pairs;
+    the cut is the sample's ``e + CUT_MARGIN_SIGMAS·sqrt(e)``-th largest score. A stratified sample, so
+    heavy rows or columns do not bias it. None when the budget is too small to sample (stride under 2).
+    """
+    stride = budget // CUT_SAMPLE_WINNERS
+    if stride < 2:
+        return None
+    while math.gcd(stride, rows.shape[1]) != 1:
+        stride += 1
+    sample = rows.reshape(-1)[::stride]
+    expected = budget * sample.numel() / rows.numel()
+    rank = min(sample.numel(), math.ceil(expected + CUT_MARGIN_SIGMAS * math.sqrt(expected)))
+    return sample.topk(rank, sorted=False).values.min()
+
+
+def _candidates(rows: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+    """Positions ``[n, 2]`` of the positive scores of ``rows`` at or above ``cut`` (only positive
+    scores fire). ``nonzero``: a host read, of the count."""
+    smallest_positive = torch.nextafter(cut.new_zeros(()), cut.new_ones(()))
+    return (rows >= torch.maximum(cut, smallest_positive)).nonzero()
+
+
 def mutual_choice_entries(scores: torch.Tensor, budget: int) -> Entries:
     """The pairs :func:`~sae_mutual_choice.allocation.mutual_choice` fires on ``scores [B, F]``.
 
-    ``scores`` may be token-major or latent-major; rows of the memory-contiguous dimension are shortlisted.
+    ``scores`` may be token-major or latent-major; the cuts read its rows along the memory-contiguous
+    dimension.
     """
     n_latents = scores.shape[1]
     if budget <= 0:
         return no_entries(scores)
     latent_major = _latent_major(scores)
     rows_view = scores.t() if latent_major else scores
-    cut = candidate_cut(rows_view, budget)
-    # Only positive scores fire, so the candidates are those at or above the cut and above 0.
-    smallest_positive = torch.nextafter(cut.new_zeros(()), cut.new_ones(()))
-    candidates = (rows_view >= torch.maximum(cut, smallest_positive)).nonzero()  # the one host read
+    cut = estimated_cut(rows_view, budget)
+    candidates = None if cut is None else _candidates(rows_view, cut)  # the one host read
+    # Fewer candidates than the budget: the estimate was too high (or fewer scores are positive), so
+    # it may have missed pairs of the selection; the bound cut cannot (a second read, rarely).
+    if candidates is None or candidates.shape[0] < budget:
+        candidates = _candidates(rows_view, candidate_cut(rows_view, budget))
     values = rows_view[candidates[:, 0], candidates[:, 1]]
     if latent_major:
         candidates = candidates.flip(1)

@@ -10,7 +10,7 @@ from helpers import copy_parameters, dense_acts, forward_and_grads, step_input
 from sae_lens.registry import get_sae_training_class
 
 import sae_mutual_choice  # noqa: F401  (registers the architectures)
-from sae_mutual_choice import base
+from sae_mutual_choice import base, selection
 from sae_mutual_choice.allocation import feature_choice, mutual_choice, token_choice
 from sae_mutual_choice.config import sparse_step_is_faster
 from sae_mutual_choice.host_reads import sync_free
@@ -18,6 +18,7 @@ from sae_mutual_choice.selection import (
     SHORTLIST_OVER_MEAN_CAPACITY,
     Entries,
     candidate_cut,
+    estimated_cut,
     feature_choice_entries,
     firing_statistics,
     mutual_choice_entries,
@@ -55,7 +56,10 @@ def _random_scores(generator: torch.Generator, tied: bool) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_fast_selection_equals_the_dense_rules(tied, host_path):
+@pytest.mark.parametrize("sample_winners", [selection.CUT_SAMPLE_WINNERS, 2])
+def test_fast_selection_equals_the_dense_rules(tied, sample_winners, host_path, monkeypatch):
+    # Small samples: Mutual Choice estimates its cut at these small budgets too, often too high on ties.
+    monkeypatch.setattr(selection, "CUT_SAMPLE_WINNERS", sample_winners)
     generator = torch.Generator().manual_seed(int(tied))
     for _ in range(150):
         scores = _random_scores(generator, tied)
@@ -100,19 +104,40 @@ def test_fallbacks_are_exercised_and_exact(host_path):
     assert int((mutual_choice_entries(skewed, 64).rows == 5).sum()) == 32
 
 
+def test_mutual_choice_falls_back_to_the_bound_cut_when_the_estimate_is_too_high():
+    """The sample sees only the scores of 1.0 at every stride-th position; the budget needs 0.5s too."""
+    scores = torch.full((64, 129), 0.5)
+    stride = 4096 // selection.CUT_SAMPLE_WINNERS
+    scores.view(-1)[::stride] = 1.0
+    budget = 4096
+    estimate = estimated_cut(scores, budget)
+    # The estimate alone would miss pairs.
+    assert estimate is not None and int((scores >= estimate).sum()) < budget
+    _assert_same_entries(mutual_choice_entries(scores, budget), _pairs(mutual_choice(scores, budget)))
+    # Fewer positive scores than the budget: every positive one fires.
+    scores[10:] = -1.0
+    _assert_same_entries(mutual_choice_entries(scores, budget), _pairs(mutual_choice(scores, budget)))
+
+
 def test_mutual_choice_cut_lets_few_candidates_through_on_heavy_tailed_rows():
     """Real activations: a few tokens' norms (and latents' frequencies) are many times the median. The
-    cut must stay near the true budget-th score in either layout, or most pairs become candidates to
-    sort (with one even share per row: 31-36 x the budget here, 11-35 x on the demo's activations)."""
+    cuts must stay near the true budget-th score in either layout, or most pairs become candidates to
+    sort (the bound cut with one even share per row: 31-36 x the budget here, 11-35 x on the demo's
+    activations). The estimated cut lets about 1 + 4 / sqrt(CUT_SAMPLE_WINNERS) times through (its margin),
+    give or take the sample's noise (1 / sqrt(CUT_SAMPLE_WINNERS); 1.14 +- 0.03 over 200 seeds here)."""
     generator = torch.Generator().manual_seed(0)
     n_tokens, n_latents, budget = 512, 1024, 512 * 8
     token_scale = torch.exp(0.8 * torch.randn(n_tokens, 1, generator=generator))
     latent_scale = torch.exp(0.8 * torch.randn(1, n_latents, generator=generator))
     scores = token_scale * latent_scale * torch.randn(n_tokens, n_latents, generator=generator) - 0.5
     for rows in (scores, scores.t()):  # the shortlisted rows: tokens (token-major), latents (latent-major)
+        true_cut = scores.flatten().kthvalue(scores.numel() - budget + 1).values
         cut = candidate_cut(rows.contiguous(), budget)
-        assert cut <= scores.flatten().kthvalue(scores.numel() - budget + 1).values
+        assert cut <= true_cut
         assert int((scores >= cut).sum()) < 2 * budget
+        estimate = estimated_cut(rows.contiguous(), budget)
+        assert estimate is not None and estimate <= true_cut
+        assert int((scores >= estimate).sum()) < (1 + 10 / selection.CUT_SAMPLE_WINNERS**0.5) * budget
 
 
 def test_firing_statistics_read_dense_and_sparse_activations():
