@@ -41,8 +41,17 @@ def top_m_mask(scores: torch.Tensor, m: torch.Tensor | int, dim: int) -> torch.T
     counts = counts.expand(other).unsqueeze(dim)
     if m_max == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    top_values = scores.topk(m_max, dim=dim, sorted=True).values
-    boundary = top_values.gather(dim, (counts - 1).clamp(min=0))
+    if isinstance(m, int):
+        # The m-th largest, from the shorter of two unsorted top-k's: the m largest or the n - m + 1 smallest.
+        if 2 * m_max > n:
+            boundary = scores.topk(n - m_max + 1, dim=dim, largest=False, sorted=False).values.amax(
+                dim, keepdim=True
+            )
+        else:
+            boundary = scores.topk(m_max, dim=dim, sorted=False).values.amin(dim, keepdim=True)
+    else:
+        top_values = scores.topk(m_max, dim=dim, sorted=True).values
+        boundary = top_values.gather(dim, (counts - 1).clamp(min=0))
     above = scores > boundary
     tied = scores == boundary
     still_needed = counts - above.sum(dim, keepdim=True)

@@ -81,9 +81,10 @@ def no_entries(like: torch.Tensor) -> Entries:
     return Entries(empty, empty)
 
 
-def entries_from_flat(flat: torch.Tensor, n_latents: int) -> Entries:
-    """Entries from flat indices ``token * F + latent`` (any order)."""
-    flat = flat.sort().values
+def entries_from_flat(flat: torch.Tensor, n_latents: int, in_order: bool = False) -> Entries:
+    """Entries from flat indices ``token * F + latent``: in any order, or ``in_order`` (ascending) already."""
+    if not in_order:
+        flat = flat.sort().values
     return Entries(flat.div(n_latents, rounding_mode="floor"), flat.remainder(n_latents))
 
 
@@ -170,14 +171,15 @@ def mutual_choice_entries(scores: torch.Tensor, budget: int) -> Entries:
     if candidates is None or candidates.shape[0] < budget:
         candidates = _candidates(rows_view, candidate_cut(rows_view, budget))
     values = rows_view[candidates[:, 0], candidates[:, 1]]
-    if latent_major:
-        candidates = candidates.flip(1)
-    flat, order = (candidates[:, 0] * n_latents + candidates[:, 1]).sort()
-    keep = top_m_mask(values[order][:, None], budget, dim=0)[:, 0]
+    if latent_major:  # nonzero lists them latent by latent: into flat (token-major) order
+        flat, order = (candidates[:, 1] * n_latents + candidates[:, 0]).sort()
+        values = values[order]
+    else:  # nonzero lists them in flat order already
+        flat = candidates[:, 0] * n_latents + candidates[:, 1]
+    keep = top_m_mask(values[:, None], budget, dim=0)[:, 0]
     # Exactly min(budget, candidates) are kept (a size known here): take them in flat order.
-    n_kept = min(budget, flat.shape[0])
-    kept = torch.sort(keep.to(torch.uint8), descending=True, stable=True).indices[:n_kept]
-    return entries_from_flat(flat[kept], n_latents)
+    kept = torch.nonzero_static(keep, size=min(budget, flat.shape[0]))[:, 0]
+    return entries_from_flat(flat[kept], n_latents, in_order=True)
 
 
 def feature_choice_entries(scores: torch.Tensor, counts: torch.Tensor, total: int | None = None) -> Entries:

@@ -68,6 +68,7 @@ def test_only_positive_scores_fire_even_when_budget_allows_more():
 def test_ties_go_to_the_lower_index():
     scores = torch.ones(3, 4)
     assert torch.equal(top_m_mask(scores, 2, dim=1)[0], torch.tensor([True, True, False, False]))
+    assert torch.equal(top_m_mask(scores, 3, dim=1)[0], torch.tensor([True, True, True, False]))  # m > n / 2
     assert torch.equal(
         top_m_mask(scores, torch.tensor([1, 2, 0, 3]), dim=0).sum(0), torch.tensor([1, 2, 0, 3])
     )
