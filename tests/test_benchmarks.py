@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from sae_mutual_choice.cli import demo_config
 from sae_mutual_choice.compare import CompareSpec
+from sae_mutual_choice.yaml_config import read_yaml
 
 ROOT = Path(__file__).parent.parent
 
@@ -173,6 +175,15 @@ def test_full_benchmark_configs_build_every_sae():
     assert gpu["variants"] == settings["variants"]  # the larger run compares the same variants
     assert gpu["runner"].keys() == settings["runner"].keys()
     CompareSpec.from_dict({"runner": {**gpu["runner"], "seed": 0}, "saes": real_activations.sae_grid(gpu)})
+    # end_to_end.py's aux-cost config: the demo's training, Feature Choice with and without aux_zipf.
+    aux_cost = CompareSpec.from_dict(
+        read_yaml(ROOT / "configs" / "benchmarks" / "end_to_end_aux_cost.yaml", [])
+    )
+    demo = CompareSpec.from_dict(read_yaml(demo_config(), []))
+    assert aux_cost.runner == demo.runner
+    assert {(c.capacity, c.aux_loss) for c in aux_cost.saes.values()} == {
+        (capacity, aux) for capacity in ("demand", "zipf") for aux in ("aux_zipf", "none")
+    }
 
 
 def test_settings_overrides(tmp_path):
