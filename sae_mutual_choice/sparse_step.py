@@ -102,12 +102,13 @@ class SparseStep:
         """``hidden_pre`` at the pairs, with gradient (as the dense step's, decoder norms included)."""
         sae = self.sae
         values = SelectedScores.apply(self.x, sae.W_enc, sae.b_enc, rows, cols, self.raw[rows, cols])
-        return values if self.norms is None else values * self.norms[cols]
+        # index_select, not indexing: its backward is an index_add_ (indexing's accumulates more slowly).
+        return values if self.norms is None else values * self.norms.index_select(0, cols)
 
     def decode(self, rows: torch.Tensor, cols: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
         """``sum_j acts[t, j] * W_dec[j]`` per token, without ``b_dec``; rows sorted. ``-> [B, d_in]``."""
         if self.norms is not None:
-            acts = acts * (1 / self.norms)[cols]
+            acts = acts * (1 / self.norms).index_select(0, cols)
         return bag_sum(rows, cols, acts, self.sae.W_dec, self.x.shape[0])
 
     def run(self) -> TrainStepOutput:
