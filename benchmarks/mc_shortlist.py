@@ -43,6 +43,8 @@ SHARES = [1, 2, 4, 8]
 # The cuts compared: the estimated one (the module's), and the bound one alone with N shares per row.
 ESTIMATED = "estimated"
 CUTS: list[str | int] = [ESTIMATED, *SHARES]
+DEFAULT_SAMPLE_WINNERS = selection.CUT_SAMPLE_WINNERS
+DEFAULT_SHARES = selection.SHORTLIST_OVER_ROW_SHARE
 
 
 def encoder(path: Path | None, d_in: int, d_sae: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,20 +65,13 @@ def use_cut(cut: str | int) -> None:
     selection.SHORTLIST_OVER_ROW_SHARE = DEFAULT_SHARES if estimating else int(cut)
 
 
-DEFAULT_SAMPLE_WINNERS = selection.CUT_SAMPLE_WINNERS
-DEFAULT_SHARES = selection.SHORTLIST_OVER_ROW_SHARE
-
-
 def timed(
     scores: torch.Tensor, rows: torch.Tensor, budget: int, cut: str | int, reps: int
 ) -> tuple[float, float]:
     """(candidates per budget pair, median seconds) of the selection with ``cut``; ``rows``: the
     contiguous view of ``scores`` that the cuts read."""
     use_cut(cut)
-    value = selection.estimated_cut(rows, budget) if cut == ESTIMATED else None
-    if value is None or int(((scores >= value) & (scores > 0)).sum()) < budget:
-        value = selection.candidate_cut(rows, budget)
-    candidates = int(((scores >= value) & (scores > 0)).sum()) / budget
+    candidates = selection.mutual_choice_candidates(rows, budget).shape[0] / budget
     seconds = []
     for _ in range(reps + 1):  # the first is a warm-up
         start = time.perf_counter()

