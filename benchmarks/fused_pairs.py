@@ -1,7 +1,8 @@
 """The sparse step's decode (forward and backward) as today's ``embedding_bag`` against a fused kernel.
 
-Today the sparse step decodes its selected pairs with ``sparse_step.bag_sum`` (``embedding_bag``
-with per-pair weights), which builds no ``[pairs, d_in]`` tensor. The candidate is the plain
+Today the sparse step decodes its selected pairs with ``sparse_step.decode_pairs`` (``embedding_bag``
+with per-pair weights, and the decoder's gradient as a per-latent ``embedding_bag``), which builds
+no ``[pairs, d_in]`` tensor. The candidate is the plain
 formulation ``zeros.index_add(0, rows, acts[:, None] * W_dec[cols])`` compiled by
 ``torch.compile`` (inductor: C++ on CPU, Triton on CUDA), which fuses the gather, the product and
 the scatter. Both run forward and backward (gradients to the activations and the decoder) on the
@@ -17,9 +18,16 @@ from collections.abc import Callable
 
 import torch
 
-from sae_mutual_choice.sparse_step import bag_sum
+from sae_mutual_choice.sparse_step import Pairs, decode_pairs
 
 Decode = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def todays_decode(
+    rows: torch.Tensor, cols: torch.Tensor, acts: torch.Tensor, W_dec: torch.Tensor, n_tokens: int
+) -> torch.Tensor:
+    """The sparse step's decode of the pairs."""
+    return decode_pairs(Pairs(rows, cols, n_tokens, W_dec.shape[0]), acts, W_dec)
 
 
 def index_add_decode(
@@ -70,7 +78,7 @@ def main() -> None:
     W_dec = torch.randn(width, d_in, generator=generator).to(device).requires_grad_()
     grad = torch.randn(n_tokens, d_in, generator=generator).to(device)
     inputs = (rows, cols, acts, W_dec)
-    reference_time, reference = timed(bag_sum, inputs, grad, args.reps)
+    reference_time, reference = timed(todays_decode, inputs, grad, args.reps)
     print(f"decode of {n_tokens * k:,} pairs, B {n_tokens}, d_in {d_in}, width {width}, on {device}")
     print(f"embedding_bag (today): {reference_time * 1e3:.2f} ms forward + backward")
     candidates = {

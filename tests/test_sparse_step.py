@@ -222,6 +222,29 @@ def test_sparse_step_equals_the_dense_step(architecture, rescale, aux_loss):
         assert int(l0.max()) >= 3 * 4.5
 
 
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_sparse_step_differentiates_b_dec_and_the_input_as_the_dense_step(
+    architecture, apply_b_dec_to_input, input_grad
+):
+    """Without an input gradient, the sparse step sends the encoder's input gradient to ``b_dec`` as a
+    sum over latents; with one, per token. Both agree with the dense step, with and without ``b_dec``
+    subtracted from the input."""
+    dense, sparse = _pair_of_saes(architecture, apply_b_dec_to_input=apply_b_dec_to_input)
+    dead = torch.rand(48, generator=torch.Generator().manual_seed(7)) < 0.3
+    inputs = {}
+    grads = {}
+    for name, sae in (("dense", dense), ("sparse", sparse)):
+        inputs[name] = _batch(1).requires_grad_(input_grad)
+        inp = step_input(inputs[name], dead=dead, coefficients={"aux_loss": 0.7})
+        grads[name] = forward_and_grads(sae, inp)[1]
+    for name, grad in grads["dense"].items():
+        assert (grads["sparse"][name] - grad).norm() <= 1e-4 * grad.norm(), name
+    if input_grad:
+        torch.testing.assert_close(inputs["sparse"].grad, inputs["dense"].grad, rtol=1e-4, atol=1e-6)
+
+
 def test_hooked_sae_trains_densely():
     """A hook sees dense activations, so a hooked SAE takes SAELens's dense step."""
     _, sparse = _pair_of_saes("mutual_choice")
