@@ -66,9 +66,9 @@ class Pairs:
         """``out[j] = sum of weights[i] * table[rows[i]]`` over latent j's pairs. ``-> [n_latents, d]``."""
         if self._by_latent is None:
             cols, order = self.cols.sort(stable=True)
-            self._by_latent = cols, self.rows[order], order
+            self._by_latent = cols, self.rows.index_select(0, order), order
         cols, rows, order = self._by_latent
-        return bag_sum(cols, rows, weights[order], table, self.n_latents)
+        return bag_sum(cols, rows, weights.index_select(0, order), table, self.n_latents)
 
 
 class SelectedScores(torch.autograd.Function):
@@ -179,10 +179,13 @@ class SparseStep:
         """Selected pairs of this step's tokens and the SAE's latents; ``rows`` sorted."""
         return Pairs(rows, cols, self.x.shape[0], self.hidden_pre.shape[1])
 
-    def scores_at(self, pairs: Pairs) -> torch.Tensor:
-        """``hidden_pre`` at the pairs, with gradient (as the dense step's, decoder norms included)."""
-        sae, rows, cols = self.sae, pairs.rows, pairs.cols
-        values = SelectedScores.apply(self.x, self.shift, sae.W_enc, sae.b_enc, pairs, self.raw[rows, cols])
+    def scores_at(self, pairs: Pairs, raw: torch.Tensor | None = None) -> torch.Tensor:
+        """``hidden_pre`` at the pairs, with gradient (as the dense step's, decoder norms included);
+        ``raw``: the raw scores at the pairs, where the caller has them."""
+        sae, cols = self.sae, pairs.cols
+        if raw is None:
+            raw = self.raw[pairs.rows, cols]
+        values = SelectedScores.apply(self.x, self.shift, sae.W_enc, sae.b_enc, pairs, raw)
         # index_select, not indexing: its backward is an index_add_ (indexing's accumulates more slowly).
         return values if self.norms is None else values * self.norms.index_select(0, cols)
 
@@ -232,6 +235,7 @@ class SparseStep:
         n_tokens, k_aux = selection.latents.shape
         rows = torch.arange(n_tokens, device=sae_in.device).repeat_interleave(k_aux)
         pairs = self.pairs(rows, selection.latents.reshape(-1))
-        acts = self.scores_at(pairs) * selection.weights.reshape(-1)
+        raw = self.raw.gather(1, selection.latents).reshape(-1)  # 4x faster than raw[rows, cols] here
+        acts = self.scores_at(pairs, raw) * selection.weights.reshape(-1)
         recons = self.decode(pairs, acts)
         return aux_reconstruction_loss(recons, sae_in, sae_out, selection.scale, coefficient)
