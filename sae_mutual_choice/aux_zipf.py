@@ -49,6 +49,11 @@ class AuxSelection(NamedTuple):
     scale: float | torch.Tensor
 
 
+# Up to this share of the latents as candidates, copying their columns and searching those is
+# faster than masking the others (benchmarks/aux_selection.py, CPU; above it, about even).
+COLUMNS_SEARCH_SHARE = 0.8
+
+
 @torch.no_grad()
 def aux_selection(hidden_pre: torch.Tensor, underuse: torch.Tensor, d_in: int) -> AuxSelection | None:
     """Which latents each token's aux reconstruction uses.
@@ -56,7 +61,8 @@ def aux_selection(hidden_pre: torch.Tensor, underuse: torch.Tensor, d_in: int) -
     ``hidden_pre``: ``[..., F]`` scores; ``underuse``: ``[F]`` weights in ``[0, 1]``. Each token takes
     its ``d_in // 2`` best-scoring candidates (latents with weight > 0), all of them if there are
     fewer. Where host reads are free (:mod:`sae_mutual_choice.host_reads`) the number of candidates
-    is read: None when there is none, and only their columns are searched when they are few.
+    is read: None when there is none; only their columns are searched when they are at most
+    ``COLUMNS_SEARCH_SHARE`` of the latents; all columns, unmasked, when every latent is one.
     Otherwise the selection has a fixed size, ``min(d_in // 2, F)`` per token, with non-candidates
     (scored -inf) filling it at weight 0, which adds exactly nothing to the loss or its gradients.
     """
@@ -72,7 +78,10 @@ def aux_selection(hidden_pre: torch.Tensor, underuse: torch.Tensor, d_in: int) -
         return None
     scale = min(float(underuse.sum()) / k_aux, 1.0)  # as SAELens's AuxK computes it
     k_aux_used = min(k_aux, n_candidates)
-    if 2 * n_candidates <= hidden_pre.shape[-1]:  # few candidates: search their columns only
+    n_latents = hidden_pre.shape[-1]
+    if n_candidates == n_latents:
+        latents = hidden_pre.topk(k_aux_used, sorted=False).indices
+    elif n_candidates <= COLUMNS_SEARCH_SHARE * n_latents:  # search the candidates' columns only
         columns = candidates.nonzero().squeeze(1)
         latents = columns[hidden_pre[..., columns].topk(k_aux_used, sorted=False).indices]
     else:

@@ -1,3 +1,4 @@
+import contextlib
 import copy
 
 import pytest
@@ -7,7 +8,8 @@ from sae_lens.saes.sae import TrainCoefficientConfig
 
 import sae_mutual_choice
 from sae_mutual_choice import MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig, aux_zipf_loss
-from sae_mutual_choice.aux_zipf import underuse_weights
+from sae_mutual_choice.aux_zipf import COLUMNS_SEARCH_SHARE, aux_selection, underuse_weights
+from sae_mutual_choice.host_reads import sync_free
 
 D_IN, D_SAE = 10, 40
 
@@ -164,3 +166,31 @@ def test_aux_losses_take_inputs_with_a_sequence_dimension(architecture, aux_loss
     assert float(flat["auxiliary_reconstruction_loss"]) > 0
     for name, value in flat.items():
         torch.testing.assert_close(losses[name], value, msg=name)
+
+
+@pytest.mark.parametrize("n_candidates", [1, 7, 20, int(COLUMNS_SEARCH_SHARE * D_SAE), 36, D_SAE])
+@pytest.mark.parametrize("sync_free_path", [False, True])
+def test_aux_selection_takes_each_tokens_best_candidates(n_candidates, sync_free_path):
+    """Every search (the candidates' columns, all columns masked, all unmasked; the fixed-size
+    sync-free one) selects each token's min(d_in // 2, candidates) best-scoring candidates."""
+    generator = torch.Generator().manual_seed(n_candidates)
+    hidden_pre = torch.randn(32, D_SAE, generator=generator)
+    underuse = torch.zeros(D_SAE)
+    underuse[torch.randperm(D_SAE, generator=generator)[:n_candidates]] = (
+        torch.rand(n_candidates, generator=generator) + 0.1
+    )
+    d_in = 24  # 12 per token: more than some candidate sets hold
+    with sync_free() if sync_free_path else contextlib.nullcontext():
+        selection = aux_selection(hidden_pre, underuse, d_in)
+    assert selection is not None
+    n_best = min(d_in // 2, n_candidates)
+    expected = torch.where(underuse > 0, hidden_pre, -torch.inf).topk(n_best).indices.sort(dim=1).values
+    weighted = selection.latents.sort(dim=1).values
+    if sync_free_path:  # padded with non-candidates at weight 0
+        kept = selection.weights > 0
+        assert int(kept.sum()) == 32 * n_best
+        weighted = selection.latents[kept].view(32, n_best).sort(dim=1).values
+    assert torch.equal(weighted, expected)
+    torch.testing.assert_close(
+        selection.weights.sort(dim=1).values, underuse[selection.latents].sort(dim=1).values
+    )

@@ -152,6 +152,18 @@ def test_fused_decode_candidates_agree_with_the_sparse_steps_decode():
     assert done.stdout.count("same results: True") == 2, done.stdout
 
 
+def test_aux_selection_benchmark_times_every_search():
+    """benchmarks/aux_selection.py prints a row per candidate share, the unmasked search where all are."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "aux_selection.py"), "--shape", "64", "100", "8", "--reps", "1"],
+        capture_output=True, text=True, check=False, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 64, 100, 8 |")]
+    assert len(rows) == 6, done.stdout
+    assert [row.endswith("| - |") for row in rows] == [True] * 5 + [False], done.stdout
+
+
 def test_full_benchmark_configs_build_every_sae():
     """The full-size benchmark configs (not only their quick variants) give valid SAE configs."""
     sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their sibling bench_common
