@@ -58,6 +58,18 @@ def encoder(path: Path | None, d_in: int, d_sae: int) -> tuple[torch.Tensor, tor
     return sae.W_enc.detach(), sae.b_enc.detach()
 
 
+def config_activations(config: Path, n_tokens: int) -> tuple[torch.Tensor, int, CompareSpec]:
+    """``n_tokens`` activations ``[n_tokens, d_in]`` of the config's model at its hook, from its
+    embedded training text; the width of its SAEs; the parsed config."""
+    spec = CompareSpec.from_dict(read_yaml(config, []))
+    context = spec.setting("context_size")
+    model = load_any_model(spec.setting("model_name"), context, "cpu")
+    rows = embedded_dataset(spec.setting("dataset_path"), model, context, "train")["input_ids"]
+    n_rows = -(-2 * n_tokens // context)  # enough rows for the tokens left after special ones
+    x = token_activations(model, torch.tensor(rows[:n_rows]), spec.hook)[:n_tokens]
+    return x, next(iter(spec.saes.values())).d_sae, spec
+
+
 def use_cut(cut: str | int) -> None:
     """Make ``selection`` use the estimated cut, or the bound cut alone with ``cut`` shares per row."""
     estimating = cut == ESTIMATED
@@ -89,13 +101,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--steps", type=int, default=0)
     args = parser.parse_args()
-    spec = CompareSpec.from_dict(read_yaml(args.config, []))
-    context = spec.setting("context_size")
-    model = load_any_model(spec.setting("model_name"), context, "cpu")
-    rows = embedded_dataset(spec.setting("dataset_path"), model, context, "train")["input_ids"]
-    n_rows = -(-2 * args.tokens // context)  # enough rows for the tokens left after special ones
-    x = token_activations(model, torch.tensor(rows[:n_rows]), spec.hook)[: args.tokens]
-    d_sae = next(iter(spec.saes.values())).d_sae
+    x, d_sae, spec = config_activations(args.config, args.tokens)
     W_enc, b_enc = encoder(args.sae, x.shape[1], d_sae)
     gaussian = torch.randn_like(x) * x.norm(dim=1).median() / x.shape[1] ** 0.5
     budget = args.k * x.shape[0]

@@ -164,6 +164,18 @@ def test_aux_selection_benchmark_times_every_search():
     assert [row.endswith("| - |") for row in rows] == [True] * 5 + [False], done.stdout
 
 
+def test_ab_steps_times_this_checkout_against_a_revision():
+    """benchmarks/ab_steps.py runs both sides' steps (each from its own package) and prints a row."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ab_steps.py"), "--base", "HEAD", "--shape", "64", "16", "48", "4",
+         "--steps", "3", "--architectures", "mutual_choice"],
+        capture_output=True, text=True, check=False, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = [line for line in done.stdout.splitlines() if line.startswith("| mutual_choice |")]
+    assert float(row.split("|")[4]) > 0, done.stdout
+
+
 def test_full_benchmark_configs_build_every_sae():
     """The full-size benchmark configs (not only their quick variants) give valid SAE configs."""
     sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their sibling bench_common
