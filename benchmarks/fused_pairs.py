@@ -5,9 +5,10 @@ with per-pair weights, and the decoder's gradient as a per-latent ``embedding_ba
 no ``[pairs, d_in]`` tensor. The candidate is the plain
 formulation ``zeros.index_add(0, rows, acts[:, None] * W_dec[cols])`` compiled by
 ``torch.compile`` (inductor: C++ on CPU, Triton on CUDA), which fuses the gather, the product and
-the scatter. Both run forward and backward (gradients to the activations and the decoder) on the
-same pairs, interleaved; the eager uncompiled formulation is printed as a floor. Prints the best
-time of ``--reps`` for each and whether their outputs and gradients agree (relative error 1e-4).
+the scatter. Each runs forward and backward (gradients to the activations and the decoder) on the
+same pairs, one after another; also timed: the eager uncompiled formulation, as a floor, and
+``embedding_bag`` with its own backward to the decoder (the step's decode before 0.4.3). Prints the
+best time of ``--reps`` for each and whether their outputs and gradients agree (relative error 1e-4).
 
     python benchmarks/fused_pairs.py [--device cuda] [--shape B D_IN WIDTH K]
 """
@@ -18,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from sae_mutual_choice.sparse_step import Pairs, decode_pairs
+from sae_mutual_choice.sparse_step import Pairs, bag_sum, decode_pairs
 
 Decode = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -82,6 +83,7 @@ def main() -> None:
     print(f"decode of {n_tokens * k:,} pairs, B {n_tokens}, d_in {d_in}, width {width}, on {device}")
     print(f"embedding_bag (today): {reference_time * 1e3:.2f} ms forward + backward")
     candidates = {
+        "embedding_bag, its own backward to W_dec (before 0.4.3)": bag_sum,
         "index_add, eager": index_add_decode,
         "index_add, torch.compile": torch.compile(index_add_decode),
     }
