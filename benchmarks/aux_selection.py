@@ -1,9 +1,9 @@
 """The aux loss's search for each token's best candidates: which way is fastest at which share.
 
 ``aux_zipf.aux_selection`` takes each token's ``d_in // 2`` best-scoring candidate latents (under-used,
-or dead for AuxK). Knowing how many there are, it can search three ways: copy the candidates'
-columns and search those; mask the other latents to -inf in a copy of all columns and search that;
-or, when every latent is a candidate, search all columns as they are. This prints, for each shape
+or dead for AuxK). Knowing how many there are, it can search three ways (``aux_zipf.search_*``): copy
+the candidates' columns and search those; mask the other latents to -inf in a copy of all columns and
+search that; or, when every latent is a candidate, search all columns as they are. This prints, for each shape
 and share of candidates, the median time of each (interleaved, ``--reps`` after a warm-up), the
 evidence for ``aux_zipf.COLUMNS_SEARCH_SHARE``.
 
@@ -14,10 +14,11 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
-from sae_mutual_choice.aux_zipf import COLUMNS_SEARCH_SHARE
+from sae_mutual_choice.aux_zipf import COLUMNS_SEARCH_SHARE, search_columns, search_masked, search_unmasked
 
 # (B, F, d_in // 2): the demo's, and step_time.py's two CPU shapes.
 SHAPES = [(2048, 2304, 288), (4096, 4608, 288), (4096, 16384, 384)]
@@ -25,15 +26,11 @@ SHARES = [0.3, 0.5, 0.7, 0.8, 0.9, 1.0]
 
 
 def searches(scores: torch.Tensor, candidates: torch.Tensor, k_aux: int) -> dict[str, Callable[[], object]]:
-    """The ways to find each token's ``k_aux`` best candidates (all columns unmasked: only when all are)."""
-    columns = candidates.nonzero().squeeze(1)
-    ways: dict[str, Callable[[], object]] = {
-        "columns": lambda: scores[:, columns].topk(k_aux, sorted=False),
-        "masked": lambda: torch.where(candidates, scores, -torch.inf).topk(k_aux, sorted=False),
-    }
+    """``aux_zipf``'s searches for each token's ``k_aux`` best candidates (unmasked: only when all are)."""
+    ways = {"columns": search_columns, "masked": search_masked}
     if bool(candidates.all()):
-        ways["unmasked"] = lambda: scores.topk(k_aux, sorted=False)
-    return ways
+        ways["unmasked"] = search_unmasked
+    return {name: partial(search, scores, candidates, k_aux) for name, search in ways.items()}
 
 
 def median_ms(ways: dict[str, Callable[[], object]], reps: int, device: torch.device) -> dict[str, float]:

@@ -49,8 +49,26 @@ class AuxSelection(NamedTuple):
     scale: float | torch.Tensor
 
 
-# Up to this share of the latents as candidates, copying their columns and searching those is
-# faster than masking the others (benchmarks/aux_selection.py, CPU; above it, about even).
+def search_columns(hidden_pre: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
+    """Each token's ``k`` best candidates (``k`` at most their number), from a copy of their columns
+    (a host read: ``nonzero``). ``-> [..., k]`` latent ids."""
+    columns = candidates.nonzero().squeeze(1)
+    return columns[hidden_pre[..., columns].topk(k, sorted=False).indices]
+
+
+def search_masked(hidden_pre: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
+    """Each token's ``k`` best latents with non-candidates scored -inf, in a copy of all columns (no
+    host read; non-candidates fill the rest when there are fewer than ``k`` candidates)."""
+    return torch.where(candidates, hidden_pre, -torch.inf).topk(k, sorted=False).indices
+
+
+def search_unmasked(hidden_pre: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:  # noqa: ARG001
+    """Each token's ``k`` best latents, when every latent is a candidate (no copy)."""
+    return hidden_pre.topk(k, sorted=False).indices
+
+
+# Up to this share of the latents as candidates, search_columns is faster than search_masked
+# (benchmarks/aux_selection.py, CPU; above it, about even).
 COLUMNS_SEARCH_SHARE = 0.8
 
 
@@ -61,32 +79,29 @@ def aux_selection(hidden_pre: torch.Tensor, underuse: torch.Tensor, d_in: int) -
     ``hidden_pre``: ``[..., F]`` scores; ``underuse``: ``[F]`` weights in ``[0, 1]``. Each token takes
     its ``d_in // 2`` best-scoring candidates (latents with weight > 0), all of them if there are
     fewer. Where host reads are free (:mod:`sae_mutual_choice.host_reads`) the number of candidates
-    is read: None when there is none; only their columns are searched when they are at most
-    ``COLUMNS_SEARCH_SHARE`` of the latents; all columns, unmasked, when every latent is one.
-    Otherwise the selection has a fixed size, ``min(d_in // 2, F)`` per token, with non-candidates
-    (scored -inf) filling it at weight 0, which adds exactly nothing to the loss or its gradients.
+    is read: None when there is none; :func:`search_columns` up to ``COLUMNS_SEARCH_SHARE`` of the
+    latents, :func:`search_unmasked` when every latent is one, else :func:`search_masked`.
+    Otherwise the selection has a fixed size, ``min(d_in // 2, F)`` per token (:func:`search_masked`),
+    with non-candidates filling it at weight 0, which adds exactly nothing to the loss or its gradients.
     """
     candidates = underuse > 0
     k_aux = d_in // 2
+    n_latents = hidden_pre.shape[-1]
     if not host_reads_are_free(hidden_pre):
-        masked = torch.where(candidates, hidden_pre, -torch.inf)
-        latents = masked.topk(min(k_aux, hidden_pre.shape[-1]), sorted=False).indices
+        latents = search_masked(hidden_pre, candidates, min(k_aux, n_latents))
         scale = (underuse.sum() / k_aux).clamp(max=1.0)
         return AuxSelection(latents, underuse.to(hidden_pre.dtype)[latents], scale)
     n_candidates = int(candidates.sum())
     if n_candidates == 0:
         return None
     scale = min(float(underuse.sum()) / k_aux, 1.0)  # as SAELens's AuxK computes it
-    k_aux_used = min(k_aux, n_candidates)
-    n_latents = hidden_pre.shape[-1]
     if n_candidates == n_latents:
-        latents = hidden_pre.topk(k_aux_used, sorted=False).indices
-    elif n_candidates <= COLUMNS_SEARCH_SHARE * n_latents:  # search the candidates' columns only
-        columns = candidates.nonzero().squeeze(1)
-        latents = columns[hidden_pre[..., columns].topk(k_aux_used, sorted=False).indices]
+        search = search_unmasked
+    elif n_candidates <= COLUMNS_SEARCH_SHARE * n_latents:
+        search = search_columns
     else:
-        masked = torch.where(candidates, hidden_pre, -torch.inf)
-        latents = masked.topk(k_aux_used, sorted=False).indices
+        search = search_masked
+    latents = search(hidden_pre, candidates, min(k_aux, n_candidates))
     return AuxSelection(latents, underuse.to(hidden_pre.dtype)[latents], scale)
 
 
