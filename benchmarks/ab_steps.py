@@ -32,7 +32,6 @@ from typing import IO, Any
 import torch
 
 ROOT = Path(__file__).parent.parent
-STATE_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
 def worker(architecture: str, d_in: int, d_sae: int, k: int, data: str) -> None:
@@ -100,17 +99,15 @@ def timed_pair(roots: dict[str, Path], arguments: list[str], steps: int) -> dict
 
 
 def demo_inputs(sae_path: Path | None) -> tuple[torch.Tensor, int, dict[str, torch.Tensor] | None]:
-    """The demo's activations (2,048 tokens), its width, and ``sae_path``'s weights (or None)."""
-    from mc_shortlist import config_activations
-    from sae_lens import SAE
+    """The demo's activations (2,048 tokens; mc_shortlist.step_start's), its width, and ``sae_path``'s
+    weights (or None)."""
+    from mc_shortlist import config_activations, step_start
 
     from sae_mutual_choice.cli import demo_config
 
     x, d_sae, _ = config_activations(demo_config(), 2048)
-    if sae_path is None:
-        return x * x.shape[1] ** 0.5 / x.norm(dim=1).mean(), d_sae, None
-    state = SAE.load_from_disk(sae_path, device="cpu").state_dict()
-    return x, d_sae, {name: state[name] for name in STATE_KEYS}
+    x, state = step_start(x, sae_path)
+    return x, d_sae, state
 
 
 def main() -> None:
@@ -134,6 +131,7 @@ def main() -> None:
     if not args.base:
         parser.error("--base REV is required")
     sys.path.insert(0, str(ROOT / "benchmarks"))
+    from mc_shortlist import WEIGHTS
     from step_time import build
 
     k = args.shape[3]
@@ -158,7 +156,7 @@ def main() -> None:
             initial = state or {
                 name: tensor
                 for name, tensor in build(architecture, x.shape[1], d_sae, k).state_dict().items()
-                if name in STATE_KEYS
+                if name in WEIGHTS
             }
             torch.save({"x": x, "dead": dead, "state": initial}, data)
             arguments = [architecture, str(x.shape[1]), str(d_sae), str(k), str(data)]

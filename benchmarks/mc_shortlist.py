@@ -70,6 +70,19 @@ def config_activations(config: Path, n_tokens: int) -> tuple[torch.Tensor, int, 
     return x, next(iter(spec.saes.values())).d_sae, spec
 
 
+WEIGHTS = ("W_enc", "b_enc", "W_dec", "b_dec")  # what a training run's SAEs start from
+
+
+def step_start(x: torch.Tensor, sae_path: Path | None) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """The inputs and first :data:`WEIGHTS` of training steps on activations ``x``: ``sae_path``'s
+    weights on the raw activations (which they expect), else None (new SAEs) on the activations
+    scaled to mean norm sqrt(d_in), as the demo's ``normalize_activations`` does."""
+    if sae_path is None:
+        return x * x.shape[1] ** 0.5 / x.norm(dim=1).mean(), None
+    state = SAE.load_from_disk(sae_path, device="cpu").state_dict()
+    return x, {name: state[name] for name in WEIGHTS}
+
+
 def use_cut(cut: str | int) -> None:
     """Make ``selection`` use the estimated cut, or the bound cut alone with ``cut`` shares per row."""
     estimating = cut == ESTIMATED
@@ -125,18 +138,17 @@ def main() -> None:
                 label = cut if cut == ESTIMATED else f"bound, {cut} share{'s' if cut != 1 else ''}"
                 print(f"| {name} | {layout} | {label} | {candidates:.2f} | {1e3 * seconds:.1f} |")
     if args.steps:
-        if args.sae is None:
-            x = x * x.shape[1] ** 0.5 / x.norm(dim=1).mean()
-        initial = SAE.load_from_disk(args.sae, device="cpu").state_dict() if args.sae else None
-        print(training_steps(x, d_sae, args.k, args.steps, initial))
+        print(training_steps(*step_start(x, args.sae), d_sae, args.k, args.steps))
 
 
 STEP_CUTS: list[str | int] = [1, 4, ESTIMATED]
 
 
-def training_steps(x: torch.Tensor, d_sae: int, k: int, steps: int, initial: dict[str, Any] | None) -> str:
+def training_steps(
+    x: torch.Tensor, initial: dict[str, torch.Tensor] | None, d_sae: int, k: int, steps: int
+) -> str:
     """A table of median training-step times with each of ``STEP_CUTS`` (see the docstring);
-    ``initial``: the SAEs' first ``W_enc``, ``b_enc``, ``W_dec`` and ``b_dec``, else new ones."""
+    ``initial``: the SAEs' first :data:`WEIGHTS`, else new ones."""
     torch.manual_seed(0)
     dead = torch.zeros(d_sae, dtype=torch.bool)
     runs = {
@@ -146,7 +158,7 @@ def training_steps(x: torch.Tensor, d_sae: int, k: int, steps: int, initial: dic
     }
     if initial is not None:
         for sae in runs.values():
-            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            for name in WEIGHTS:
                 getattr(sae, name).data.copy_(initial[name])
     optimizers = {key: torch.optim.Adam(sae.parameters(), lr=4e-4) for key, sae in runs.items()}
     seconds: dict[tuple[str, str | int], list[float]] = {key: [] for key in runs}

@@ -105,10 +105,10 @@ class SelectedScores(torch.autograd.Function):
             grad_x = pairs.per_token(grad, W_enc.t().contiguous())
         if ctx.needs_input_grad[2]:
             grad_W_enc = pairs.per_latent(grad, x).t()
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
-            grad_b_enc = torch.zeros_like(W_enc[0]).index_add_(0, pairs.cols, grad.to(W_enc.dtype))
-            if ctx.needs_input_grad[1]:
-                grad_shift = -(W_enc @ grad_b_enc)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:  # per latent: b_enc's gradient
+            per_latent = torch.zeros_like(W_enc[0]).index_add_(0, pairs.cols, grad.to(W_enc.dtype))
+            grad_shift = -(W_enc @ per_latent) if ctx.needs_input_grad[1] else None
+            grad_b_enc = per_latent if ctx.needs_input_grad[3] else None
         return grad_x, grad_shift, grad_W_enc, grad_b_enc, None, None
 
 
