@@ -77,15 +77,19 @@ def aux_selection(hidden_pre: torch.Tensor, underuse: torch.Tensor, d_in: int) -
     """Which latents each token's aux reconstruction uses.
 
     ``hidden_pre``: ``[..., F]`` scores; ``underuse``: ``[F]`` weights in ``[0, 1]``. Each token takes
-    its ``d_in // 2`` best-scoring candidates (latents with weight > 0), all of them if there are
-    fewer. Where host reads are free (:mod:`sae_mutual_choice.host_reads`) the number of candidates
-    is read: None when there is none; :func:`search_columns` up to ``COLUMNS_SEARCH_SHARE`` of the
-    latents, :func:`search_unmasked` when every latent is one, else :func:`search_masked`.
-    Otherwise the selection has a fixed size, ``min(d_in // 2, F)`` per token (:func:`search_masked`),
-    with non-candidates filling it at weight 0, which adds exactly nothing to the loss or its gradients.
+    its ``k_aux = d_in // 2`` best-scoring candidates (latents with weight > 0), all of them if there
+    are fewer. None (no aux loss) when ``k_aux`` is 0 (``d_in = 1``), on every path: SAELens's AuxK
+    would divide by it. Where host reads are free (:mod:`sae_mutual_choice.host_reads`) the number
+    of candidates is read: None when there is none; :func:`search_columns` up to
+    ``COLUMNS_SEARCH_SHARE`` of the latents, :func:`search_unmasked` when every latent is one, else
+    :func:`search_masked`. Otherwise the selection has a fixed size, ``min(k_aux, F)`` per token
+    (:func:`search_masked`), with non-candidates filling it at weight 0, which adds exactly nothing
+    to the loss or its gradients.
     """
     candidates = underuse > 0
     k_aux = d_in // 2
+    if k_aux == 0:
+        return None
     n_latents = hidden_pre.shape[-1]
     if not host_reads_are_free(hidden_pre):
         latents = search_masked(hidden_pre, candidates, min(k_aux, n_latents))

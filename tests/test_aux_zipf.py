@@ -194,3 +194,21 @@ def test_aux_selection_takes_each_tokens_best_candidates(n_candidates, sync_free
     torch.testing.assert_close(
         selection.weights.sort(dim=1).values, underuse[selection.latents].sort(dim=1).values
     )
+
+
+@pytest.mark.parametrize("architecture", list(sae_mutual_choice.ARCHITECTURES))
+@pytest.mark.parametrize("aux", ["aux_k", "aux_zipf"])
+@pytest.mark.parametrize("sync_free_path", [False, True])
+@pytest.mark.parametrize("n_dead", [0, 2])
+def test_one_input_dimension_gives_no_aux_loss(architecture, aux, sync_free_path, n_dead):
+    # d_in = 1: k_aux = d_in // 2 = 0, so no latent takes part; the loss is 0, not 0 / 0 or a crash.
+    sae_class, config_class = sae_mutual_choice.ARCHITECTURES[architecture]
+    k = 1 if architecture == "token_choice" else 1.0
+    sae = sae_class(config_class(d_in=1, d_sae=4, k=k, aux_loss=aux, sparse_training=False))
+    dead = torch.zeros(4, dtype=torch.bool)
+    dead[:n_dead] = True
+    x = torch.randn(8, 1, generator=torch.Generator().manual_seed(0))
+    with sync_free() if sync_free_path else contextlib.nullcontext():
+        output = sae.training_forward_pass(step_input(x, dead=dead))
+    assert float(output.losses["auxiliary_reconstruction_loss"]) == 0.0
+    assert torch.isfinite(output.loss)
