@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from sae_mutual_choice.allocation import batch_budget
 from sae_mutual_choice.calibration import latent_blocks, latent_scores, thresholds_for_counts
-from sae_mutual_choice.zipf import fit_zipf, round_capacities
+from sae_mutual_choice.zipf import demand_capacities, fit_zipf, round_capacities
 
 DENSE_DENSITY = 0.1
 ZIPF_FIT_FRACTION = 0.5
@@ -146,8 +146,8 @@ def at_k(sae: SAE[Any], activations: torch.Tensor, k: float) -> SAE[Any]:
 @torch.no_grad()
 def counts_at_k(sae: SAE[Any], activations: torch.Tensor, k: float) -> int | torch.Tensor:
     """What :func:`at_k` fires on ``activations [N, d_in]``: ``int(k * N)`` pairs for one global
-    threshold, or per latent its share of the pairs ``sae`` fires there (largest-remainder rounding
-    to that budget) for per-latent thresholds. ``-> int`` or ``[F]`` long."""
+    threshold, or per latent its share of the pairs ``sae`` fires there (capped at ``N``, the rest
+    shared in proportion; largest-remainder rounding to that budget) for per-latent thresholds. ``-> int`` or ``[F]`` long."""
     threshold: torch.Tensor = sae.threshold  # type: ignore[assignment]
     n_tokens = activations.shape[0]
     budget = batch_budget(k, n_tokens)
@@ -157,7 +157,9 @@ def counts_at_k(sae: SAE[Any], activations: torch.Tensor, k: float) -> int | tor
     fired = torch.cat(
         [(latent_scores(sae, x, s) > threshold[s]).sum(0) for s in latent_blocks(n_tokens, sae.cfg.d_sae)]
     ).double()
-    shares = fired * (budget / max(float(fired.sum()), 1.0))
+    # In proportion to the firing, capped at the batch (an SAE firing fewer pairs than the budget
+    # would otherwise ask some latents for more tokens than there are).
+    shares = demand_capacities(fired, budget, n_tokens, min_capacity_ratio=0.0)
     return round_capacities(shares, torch.zeros_like(shares), budget, n_tokens)[0]
 
 

@@ -117,8 +117,15 @@ def capacities_from_shares(
     capped = torch.empty_like(fits).scatter_(0, ordered.indices, counts < n_capped)
     free_shares = torch.where(capped, 0.0, shares)
     remaining = budget - n_tokens * n_capped.double()
-    level = torch.where(free_shares.sum() > 0, remaining / free_shares.sum(), 0.0)
-    uncapped = torch.where(n_capped > 0, free_shares * level, shares * budget)  # none capped: as they are
+    # Where the uncapped latents have no share left (zero shares, e.g. no demand and no floor), the
+    # rest of the budget is spread evenly over them; it fits, since budget <= n_latents * n_tokens.
+    free_total = free_shares.sum()
+    even = torch.where(capped, 0.0, remaining / (n_latents - n_capped).clamp(min=1).double())
+    level = torch.where(
+        free_total > 0, remaining / free_total.clamp(min=torch.finfo(torch.float64).tiny), 0.0
+    )
+    proportional = torch.where(n_capped > 0, free_shares * level, shares * budget)  # none capped: as they are
+    uncapped = torch.where(free_total > 0, proportional, even)
     return torch.where(capped, float(n_tokens), uncapped)
 
 
@@ -129,9 +136,10 @@ def round_capacities(
 
     ``capacities`` are the real targets (summing to ``budget``), ``carry`` the rounding error each
     latent was left with last batch (float64, sums to 0). Largest-remainder rounding of
-    ``capacities + carry``: every latent gets the floor, the latents with the largest remainders
-    (ties to the lower index) get one more until the budget is met, and no latent exceeds
-    ``n_tokens``. A latent whose capacity is below one token is therefore served in a fraction of
+    ``capacities + carry``: every latent gets the floor (within ``[0, n_tokens]``), the latents under
+    the cap with the largest remainders (ties to the lower index) get one more until the budget is
+    met, and no latent exceeds ``n_tokens``; should that not reach the budget (a latent at the cap
+    holding a positive carry), the rest fills the others' room in the same order. A latent whose capacity is below one token is therefore served in a fraction of
     the batches, rotating, and over many batches receives its real capacity on average.
     Returns ``(integer capacities [F] long, new carry [F] float64)``.
     """
@@ -139,12 +147,32 @@ def round_capacities(
     rounded = target.floor().clamp(0, n_tokens)
     remainder = target - rounded
     shortfall = budget - rounded.sum()  # a device value: both corrections below are computed, one applies
-    # One more for the largest remainders (ties to the lower index) among latents under the cap...
-    up = _rank(torch.where(rounded < n_tokens, remainder, -math.inf), descending=True) < shortfall
-    # ...or, only through float drift of the carry, one less for the smallest among latents above 0.
-    down = _rank(torch.where(rounded > 0, remainder, math.inf), descending=False) < -shortfall
-    rounded = rounded + up.double() - down.double()
+    # More for the largest remainders among latents under the cap (ties to the lower index)...
+    up = _spread(shortfall.clamp(min=0), n_tokens - rounded, remainder, descending=True)
+    # ...or less for the smallest among latents above 0 (the carry's float drift, or targets below 0).
+    down = _spread((-shortfall).clamp(min=0), rounded, remainder, descending=False)
+    rounded = rounded + up - down
     return rounded.long(), target - rounded
+
+
+def _spread(
+    units: torch.Tensor, room: torch.Tensor, priority: torch.Tensor, descending: bool
+) -> torch.Tensor:
+    """``units`` (a float64 scalar, at most ``room.sum()``) spread over latents with ``room [F]``, by ``priority``.
+
+    One each, in priority order (ties to the lower index), to up to ``units`` latents with room;
+    what is left (only when a latent at a bound holds a large carry) fills the remaining room in the
+    same order. No host read. ``-> [F]`` float64.
+    """
+    has_room = room > 0
+    blocked = -math.inf if descending else math.inf
+    order = _rank(torch.where(has_room, priority, blocked), descending=descending)
+    first = (has_room & (order < units)).double()
+    left = units - first.sum()
+    room_left = room - first
+    by_order = torch.empty_like(room_left).scatter_(0, order, room_left)  # room_left in priority order
+    before = (by_order.cumsum(0) - by_order)[order]  # room ahead of each latent in that order
+    return first + (left - before).clamp(min=0).minimum(room_left)
 
 
 def _rank(values: torch.Tensor, descending: bool) -> torch.Tensor:

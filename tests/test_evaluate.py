@@ -9,7 +9,7 @@ from sae_mutual_choice import (
     MutualChoiceTrainingSAE,
     MutualChoiceTrainingSAEConfig,
 )
-from sae_mutual_choice.evaluate import at_k, trained_k
+from sae_mutual_choice.evaluate import at_k, counts_at_k, trained_k
 
 D_IN, D_SAE, K = 16, 64, 4.0
 
@@ -46,3 +46,18 @@ def test_at_k_fires_exactly_k_per_token_on_the_evaluation_text(arch, tmp_path):
         expected = before.double() * (K * 500 / float(before.sum()))
         assert float((after.double() - expected).abs().max()) <= 1.0 + 1e-9
     assert not torch.equal(exported.threshold, thresholds)  # the original is untouched
+
+
+def test_at_k_caps_each_latents_share_at_the_evaluation_tokens(tmp_path):
+    # Asked for more pairs than the SAE fires: scaled-up shares would exceed the token count.
+    exported = _exported("feature_choice", tmp_path)
+    x = torch.randn(50, D_IN, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        exported.threshold.data[:] = 1e9
+        exported.threshold.data[:2] = torch.tensor([-1.0, 0.0])  # latent 0 fires on every token
+        exported.b_enc.data += 100.0  # every score positive, so any threshold can be met
+    counts = counts_at_k(exported, x, 8.0)
+    assert isinstance(counts, torch.Tensor)
+    assert int(counts.sum()) == 400 and int(counts.max()) <= 50
+    fired = at_k(exported, x, 8.0).encode(x) != 0
+    assert int(fired.sum()) == 400

@@ -121,6 +121,61 @@ def test_fractional_capacities_rotate_so_every_latent_is_served():
     assert torch.equal(served, torch.ones(12, dtype=torch.long))
 
 
+def test_demand_on_fewer_latents_than_the_budget_needs_still_fills_the_budget():
+    # Two latents with demand can take 4 tokens each; the other 8 of the budget go to the rest evenly.
+    capacities = demand_capacities(torch.tensor([0.5, 0.5, 0, 0, 0, 0, 0, 0]), 16, 4, 0.0)
+    expected = torch.tensor([4.0, 4.0] + [8 / 6] * 6, dtype=torch.float64)
+    torch.testing.assert_close(capacities, expected)
+    counts, carry = round_capacities(capacities, torch.zeros(8, dtype=torch.float64), 16, 4)
+    assert int(counts.sum()) == 16 and int(counts.max()) == 4
+    assert float(carry.sum()) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_capped_latents_carry_goes_to_the_others_room():
+    # Targets 4.9, 4.9, 0.2 with 4 tokens: the shortfall of 2 exceeds the one latent under the cap.
+    capacities = torch.tensor([4.0, 4.0, 2.0], dtype=torch.float64)
+    carry = torch.tensor([0.9, 0.9, -1.8], dtype=torch.float64)
+    counts, new_carry = round_capacities(capacities, carry, 10, 4)
+    assert counts.tolist() == [4, 4, 2]
+    torch.testing.assert_close(new_carry, carry)
+
+
+def _capacity_case(generator: torch.Generator) -> tuple[torch.Tensor, int, int, float]:
+    """Random demand (often concentrated on a few latents), batch size, budget up to the whole batch, floor."""
+    n_latents = int(torch.randint(1, 60, (), generator=generator))
+    n_tokens = int(torch.randint(1, 40, (), generator=generator))
+    budget = int(torch.randint(0, n_latents * n_tokens + 1, (), generator=generator))
+    if bool(torch.rand((), generator=generator) < 0.5):  # within a few pairs of the whole batch
+        budget = max(0, n_latents * n_tokens - int(torch.randint(0, 4, (), generator=generator)))
+    demand = torch.rand(n_latents, generator=generator) ** 4
+    demand[torch.rand(n_latents, generator=generator) < 0.7] = 0.0
+    min_ratio = (
+        float(torch.rand((), generator=generator)) if bool(torch.rand((), generator=generator) < 0.5) else 0.0
+    )
+    return demand, n_tokens, budget, min_ratio
+
+
+def test_capacity_invariants_over_random_inputs():
+    # The docstrings' promises: real capacities in [0, n_tokens] summing to the budget; over a run of
+    # batches, integer capacities summing to the budget, none above n_tokens, the carry summing to 0.
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(400):
+        demand, n_tokens, budget, min_ratio = _capacity_case(generator)
+        exponent = 3 * float(torch.rand((), generator=generator))
+        for capacities in (
+            demand_capacities(demand, budget, n_tokens, min_ratio),
+            zipf_capacities(demand, budget, n_tokens, exponent, min_ratio),
+        ):
+            assert float(capacities.sum()) == pytest.approx(budget, abs=1e-6 * max(budget, 1))
+            assert float(capacities.min()) >= 0 and float(capacities.max()) <= n_tokens + 1e-9
+            carry = torch.zeros_like(capacities)
+            for _ in range(4):
+                counts, carry = round_capacities(capacities, carry, budget, n_tokens)
+                assert int(counts.sum()) == budget
+                assert int(counts.min()) >= 0 and int(counts.max()) <= n_tokens
+                assert float(carry.sum()) == pytest.approx(0.0, abs=1e-6)
+
+
 def test_budget_larger_than_the_batch_is_refused():
     with pytest.raises(ValueError, match="budget"):
         zipf_capacities(torch.zeros(3), budget=10, n_tokens=3, exponent=1.0, min_capacity_ratio=0.0)
