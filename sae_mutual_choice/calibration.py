@@ -16,6 +16,10 @@ import torch
 from sae_mutual_choice.zipf import round_capacities
 
 MAX_BLOCK_BYTES = 1 << 28
+# A sample whose norms spread less than this many units of the inputs' float resolution (relative
+# standard deviation over the dtype's eps) has nearly constant norms, as at a LayerNorm'd hook point:
+# their differences are rounding, and a slope fitted to them would turn rounding into a correction.
+NORM_RESOLUTION_UNITS = 4
 
 
 def latent_scores(sae: Any, sae_in: torch.Tensor, latents: slice) -> torch.Tensor:
@@ -102,15 +106,17 @@ def norm_corrected_counts(
     (rate on the sample + slope x (population mean - sample mean)); the corrected counts make that
     prediction equal to the asked rate: ``count + slope x N x (sample mean - population mean)``.
     The total is corrected alike (one global count) or spread over latents by largest remainder
-    (per-latent counts), within ``[0, N]`` per latent. ``-> int`` or ``[F]`` long.
+    (per-latent counts), within ``[0, N]`` per latent. Left as they are when the norms' spread is
+    at the float resolution of ``activations`` (``NORM_RESOLUTION_UNITS``). ``-> int`` or ``[F]`` long.
     """
     x = sae.process_sae_in(activations.reshape(-1, sae.cfg.d_in).to(sae.W_enc.device, sae.W_enc.dtype))
     norms = norms.to(x.device, torch.float64)
     centred = norms - norms.mean()
     spread = float(centred.square().sum())
     n_tokens = x.shape[0]
-    if spread == 0.0:
-        return counts
+    resolution = torch.finfo(activations.dtype).eps * abs(float(norms.mean()))
+    if spread <= n_tokens * (NORM_RESOLUTION_UNITS * resolution) ** 2:
+        return counts  # no spread beyond rounding: nothing to correct for
     excess = n_tokens * (float(norms.mean()) - population_mean_norm)
     weights = centred.float()[None]
     slopes = (

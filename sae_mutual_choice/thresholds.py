@@ -65,7 +65,9 @@ class JumpReLUExportMixin:
         register("calibration_inputs", inputs, persistent=False)
         # Each sampled input's norm as training saw it, the space of input_norm_totals: not derivable
         # from the sample, which folding the scaling or whitening maps back to raw activations.
-        register("calibration_norms", torch.zeros(n, device=device), persistent=False)
+        # Float64, as the totals: with nearly constant norms (a LayerNorm'd hook point) float32 rounding
+        # of the sum moves the run's mean by more than the sample's whole spread.
+        register("calibration_norms", torch.zeros(n, dtype=torch.double, device=device), persistent=False)
         register(
             "calibration_keys", torch.full((n,), -torch.inf, device=device), persistent=False
         )  # -inf: empty
@@ -103,7 +105,7 @@ class JumpReLUExportMixin:
         if capacity == 0:
             return
         rows = sae_in.detach().reshape(-1, self.cfg.d_in)
-        norms = rows.float().norm(dim=-1)
+        norms = rows.double().norm(dim=-1)
         self.input_norm_totals[0] += norms.sum()
         self.input_norm_totals[1] += rows.shape[0]
         n_ranks = self.step_ranks  # type: ignore[attr-defined]

@@ -129,6 +129,27 @@ def test_the_norm_correction_brings_the_export_closer_to_k_on_the_run(arch):
     assert corrected_error < 0.5 * plain_error
 
 
+@pytest.mark.parametrize("arch", ["mutual_choice", "feature_choice"])
+def test_nearly_constant_norms_leave_the_calibration_uncorrected(arch):
+    """Inputs normalised per token (a LayerNorm'd hook point): their norms differ by rounding only,
+    so the export is the plain calibration on the sample, and the run's norm total is exact."""
+    d_in = 256
+    torch.manual_seed(0)
+    config_class = (
+        MutualChoiceTrainingSAEConfig if arch == "mutual_choice" else FeatureChoiceTrainingSAEConfig
+    )
+    sae_class = MutualChoiceTrainingSAE if arch == "mutual_choice" else FeatureChoiceTrainingSAE
+    sae = sae_class(config_class(d_in=d_in, d_sae=128, k=8.0, threshold_calibration_tokens=512))
+    run = torch.randn(8192, d_in, generator=torch.Generator().manual_seed(1)) + 0.3
+    run = torch.nn.functional.normalize(run, dim=-1) * d_in**0.5
+    for batch in run.split(1024):
+        sae.remember_inputs(batch)
+    assert float(sae.input_norm_totals[0]) == pytest.approx(float(run.double().norm(dim=-1).sum()), rel=1e-12)
+    corrected = sae.inference_thresholds()
+    plain = calibrate_thresholds(sae, sae.calibration_sample())
+    torch.testing.assert_close(corrected, plain.to(corrected), rtol=0, atol=0)
+
+
 def test_the_calibration_sample_is_uniform_over_the_whole_run():
     """Inputs arrive in order (as from a corpus sorted by date); the sample must not be the latest ones."""
     sae = _sae("mutual_choice", threshold_calibration_tokens=320)
