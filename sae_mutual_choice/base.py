@@ -87,8 +87,15 @@ class AllocationSAEMixin:
         return 1.0 / self.cfg.usage_window
 
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        validate_activations(x, self.cfg.d_in, finite=not self.in_training_step)
+        validate_activations(self.heads_flattened(x), self.cfg.d_in, finite=not self.in_training_step)
         return super().encode_with_hidden_pre(x)  # type: ignore[misc]
+
+    def heads_flattened(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as ``process_sae_in`` will see it: with SAELens's hook_z reshaping on, its inputs are
+        ``[..., n_heads, d_head]`` and the heads are flattened into ``d_in`` (a view); else ``x``."""
+        if getattr(self, "hook_z_reshaping_mode", False) and x.ndim >= 2:
+            return x.flatten(-2)
+        return x
 
     def check_training_inputs(self, step_input: TrainStepInput) -> None:
         """Refuse a training batch the SAE cannot encode: its shape at once; NaN/inf at once where host

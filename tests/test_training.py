@@ -125,6 +125,30 @@ def test_trains_with_the_language_model_runner(arch, exported_class, tiny_model,
             assert fired == expected if arch == "mutual_choice" else 0.97 * expected <= fired <= expected
 
 
+@pytest.mark.parametrize("arch", ["token_choice", "mutual_choice", "feature_choice"])
+def test_an_attention_output_sae_trains_and_encodes_heads(arch, tiny_model, tiny_dataset, tmp_path):
+    # hook_z: the runner trains on flattened heads; with SAELens's hook_z reshaping on, the SAE takes
+    # [..., n_heads, d_head] in the model and gives that shape back.
+    cfg = _runner_config(_sae_config(arch), tmp_path)
+    cfg.hook_name = "blocks.0.attn.hook_z"
+    sae: Any = LanguageModelSAETrainingRunner(
+        cfg, override_model=tiny_model, override_dataset=tiny_dataset
+    ).run()
+    assert SAE.load_from_disk(tmp_path / "out").cfg.metadata.hook_name == "blocks.0.attn.hook_z"
+    sae.eval()
+    tokens = torch.tensor(tiny_dataset["input_ids"][:2])
+    _, cache = tiny_model.run_with_cache(tokens, names_filter="blocks.0.attn.hook_z")
+    z = cache["blocks.0.attn.hook_z"]
+    with torch.no_grad():
+        flat_acts, flat_out = sae.encode(z.flatten(-2)), sae(z.flatten(-2))
+        sae.turn_on_forward_pass_hook_z_reshaping()
+        acts, out = sae.encode(z), sae(z)
+        sae.turn_off_forward_pass_hook_z_reshaping()
+    assert torch.equal(acts, flat_acts)
+    assert out.shape == z.shape
+    torch.testing.assert_close(out, flat_out.unflatten(-1, z.shape[-2:]))
+
+
 @pytest.fixture(scope="module")
 def synthetic_model() -> SyntheticModel:
     firing = ZipfianFiringProbabilityConfig(exponent=0.5, max_prob=0.4, min_prob=5e-4)
