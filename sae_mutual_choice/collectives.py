@@ -147,14 +147,27 @@ def _group_boundaries(gathered: torch.Tensor, groups: torch.Tensor, m: torch.Ten
         return values.new_full((n_groups,), torch.inf)
     if n_groups == 1:  # one order statistic, no sort
         found = values.kthvalue(max(values.numel() - int(m[0]) + 1, 1)).values[None]
-    else:  # one sort by (group, value descending), through an order-preserving integer key
-        bits = values.float().view(torch.int32).long()
-        ascending = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # integer order = float order
-        ordered = values[(groups.repeat_interleave(n_ranks) * 2**33 - ascending).argsort()]
+    else:  # ordered by (group, value descending)
+        ordered = values[_group_major_order(values, groups.repeat_interleave(n_ranks))]
         sizes = torch.bincount(groups, minlength=n_groups) * n_ranks
         at = (sizes.cumsum(0) - sizes + m - 1).clamp(min=0, max=values.numel() - 1)
         found = ordered[at]
     return torch.where(m > 0, found, torch.inf)
+
+
+def _group_major_order(values: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """The order of ``values [N]`` by group (``groups [N]``, ascending), then value, largest first.
+
+    Values that float32 holds exactly (float32, float16, bfloat16) sort once, by an order-preserving
+    integer key with the group in its high bits; wider ones (float64) by two stable sorts, since
+    their float32 bits would tie values that differ below float32 resolution.
+    """
+    if values.dtype == torch.float64:
+        by_value = values.argsort(descending=True, stable=True)
+        return by_value[groups[by_value].argsort(stable=True)]
+    bits = values.float().view(torch.int32).long()
+    ascending = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # integer order = float order
+    return (groups * 2**33 - ascending).argsort()
 
 
 def _count_per_group(flags: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:

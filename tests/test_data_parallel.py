@@ -169,6 +169,24 @@ def test_selection_over_ranks_keeps_the_tie_rule(n_ranks: int, tmp_path: Path) -
     _spawn(_select_tied_scores, n_ranks, tmp_path)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_feature_choice_over_ranks_orders_scores_at_their_own_precision(dtype: torch.dtype) -> None:
+    # World size 1 runs the same boundary search; scores that differ below float32 resolution
+    # (float64) must not tie.
+    generator = torch.Generator().manual_seed(5)
+    for trial in range(200):
+        base = 1.0 + torch.rand((), generator=generator, dtype=torch.float64)
+        offsets = torch.randint(0, 6, (12, 5), generator=generator).double()
+        step = 1e-12 if dtype == torch.float64 else 2.0**-5
+        scores = (base + offsets * step).to(dtype)
+        counts = torch.randint(0, 13, (5,), generator=generator)
+        expected = feature_choice(scores, counts) != 0
+        entries = feature_choice_entries_over_ranks(scores, counts)
+        got = torch.zeros_like(expected)
+        got[entries.rows, entries.cols] = True
+        assert torch.equal(got, expected), f"trial {trial}, counts {counts.tolist()}"
+
+
 def _unequal_slices() -> None:
     sae = _make_sae({"architecture": "mutual_choice"}, data_parallel=True)
     tokens = TOKENS_PER_RANK + rank()
