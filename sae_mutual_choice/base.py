@@ -71,7 +71,9 @@ class AllocationSAEMixin:
         self.step_metrics: dict[str, float | torch.Tensor] = {}
         # Ranks the current training step's batch is split over (1 outside a data-parallel step).
         self.step_ranks = 1
-        self.in_training_step = False  # inputs checked by check_training_inputs, not by encode
+        # Inside training_forward_pass: inputs checked by check_training_inputs (not by encode), and the
+        # running statistics may change (nowhere else).
+        self.in_training_step = False
         # The first training step (since this SAE was built or loaded) with non-finite inputs, on the
         # inputs' device; -1 or None: none. Not a buffer: SAELens may build SAEs on the meta device.
         self.first_nonfinite_step: torch.Tensor | None = None

@@ -68,8 +68,8 @@ class FeatureChoiceTrainingSAEConfig(MutualChoiceTrainingSAEConfig):
 class FeatureChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, TopKTrainingSAE):
     """Feature Choice training SAE on SAELens's TopK encoder/decoder; saved as JumpReLU.
 
-    Like ``nn.BatchNorm``, a forward pass in training mode updates the running statistics
-    (demand, the capacity rounding carry); in eval mode it reads them only.
+    A training step (:meth:`training_forward_pass`) updates the running statistics (demand, the
+    capacity rounding carry); every other forward reads them only.
     """
 
     cfg: FeatureChoiceTrainingSAEConfig  # type: ignore[assignment]
@@ -140,13 +140,17 @@ class FeatureChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, TopKTrai
 
     @torch.no_grad()
     def batch_capacities(self, scores: torch.Tensor) -> torch.Tensor:
-        """Integer capacities for a batch of scores ``[B, F]``; in training mode, updates demand and carry first.
+        """Integer capacities for a batch of scores ``[B, F]``; in a training step, updates demand and carry first.
+
+        Only :meth:`training_forward_pass` changes them (as SAELens's BatchTopK changes its threshold),
+        so any other forward, in train mode or not, reads them: SAELens encodes more than once per
+        forward with ``use_error_term``, and a stray ``encode`` must not move the export.
 
         In a data-parallel step ``scores`` is this rank's slice and the capacities are the joined batch's.
         """
         n_tokens = scores.shape[0] * self.step_ranks
         budget = batch_budget(self.cfg.k, n_tokens)
-        if self.training and self.cfg.capacity != "uniform" and budget > 0:
+        if self.in_training_step and self.cfg.capacity != "uniform" and budget > 0:
             if self.step_ranks > 1:
                 wins = mutual_choice_entries_over_ranks(scores, budget)
                 won = sum_over_ranks(wins.counts(self.cfg.d_sae))
@@ -154,7 +158,7 @@ class FeatureChoiceTrainingSAE(JumpReLUExportMixin, AllocationSAEMixin, TopKTrai
                 won = mutual_choice_entries(scores, budget).counts(self.cfg.d_sae)
             ema_update_(self.latent_demand, self.latent_demand_weight, won / budget, self.statistics_rate)
         counts, carry = round_capacities(self.capacities(n_tokens), self.capacity_carry, budget, n_tokens)
-        if self.training:
+        if self.in_training_step:
             self.capacity_carry.copy_(carry)
         return counts
 
