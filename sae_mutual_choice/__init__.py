@@ -15,10 +15,10 @@ from sae_mutual_choice.allocation import (
     token_choice,
 )
 from sae_mutual_choice.aux_zipf import aux_zipf_loss, underuse_weights
-from sae_mutual_choice.feature_choice import FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig
-from sae_mutual_choice.mutual_choice import MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig
+from sae_mutual_choice.feature_choice_sae import FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig
+from sae_mutual_choice.mutual_choice_sae import MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig
 from sae_mutual_choice.thresholds import calibrate_thresholds
-from sae_mutual_choice.token_choice import TokenChoiceTrainingSAE, TokenChoiceTrainingSAEConfig
+from sae_mutual_choice.token_choice_sae import TokenChoiceTrainingSAE, TokenChoiceTrainingSAEConfig
 
 ARCHITECTURES = {
     "token_choice": (TokenChoiceTrainingSAE, TokenChoiceTrainingSAEConfig),

@@ -18,7 +18,7 @@ from sae_mutual_choice.allocation import batch_budget, feature_choice, over_toke
 from sae_mutual_choice.base import AllocationSAEMixin, with_bias
 from sae_mutual_choice.collectives import min_over_ranks, sum_over_ranks
 from sae_mutual_choice.config import AuxLoss, check_choice, check_range
-from sae_mutual_choice.mutual_choice import MutualChoiceTrainingSAEConfig
+from sae_mutual_choice.mutual_choice_sae import MutualChoiceTrainingSAEConfig
 from sae_mutual_choice.running import debiased, ema_update_
 from sae_mutual_choice.selection import (
     Entries,
