@@ -135,10 +135,10 @@ def test_nearly_constant_norms_leave_the_calibration_uncorrected(arch):
     so the export is the plain calibration on the sample, and the run's norm total is exact."""
     d_in = 256
     torch.manual_seed(0)
-    config_class = (
+    config_class: Any = (
         MutualChoiceTrainingSAEConfig if arch == "mutual_choice" else FeatureChoiceTrainingSAEConfig
     )
-    sae_class = MutualChoiceTrainingSAE if arch == "mutual_choice" else FeatureChoiceTrainingSAE
+    sae_class: Any = MutualChoiceTrainingSAE if arch == "mutual_choice" else FeatureChoiceTrainingSAE
     sae = sae_class(config_class(d_in=d_in, d_sae=128, k=8.0, threshold_calibration_tokens=512))
     run = torch.randn(8192, d_in, generator=torch.Generator().manual_seed(1)) + 0.3
     run = torch.nn.functional.normalize(run, dim=-1) * d_in**0.5
