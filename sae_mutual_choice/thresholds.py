@@ -57,9 +57,12 @@ class JumpReLUExportMixin:
             "calibrated_thresholds", torch.full((self.cfg.d_sae,), torch.nan, dtype=torch.double)
         )
 
-    def _reset_calibration_sample(self) -> None:
-        """An empty sample, on the weights' device (buffers left out of checkpoints, so not loaded)."""
-        n, device = self.cfg.threshold_calibration_tokens, self.W_dec.device
+    def _reset_calibration_sample(self, n: int = 0) -> None:
+        """An empty sample of ``n`` slots, on the weights' device (buffers left out of checkpoints, so
+        not loaded). Built and loaded SAEs hold 0 slots; the first training step allocates
+        ``threshold_calibration_tokens`` (:meth:`_allocate_calibration_sample`), so an SAE that never
+        trains (loaded for analysis, or built by SAELens on the meta device) costs no sample memory."""
+        device = self.W_dec.device
         inputs = torch.zeros(n, self.cfg.d_in, dtype=self.W_dec.dtype, device=device)
         register = self.register_buffer  # type: ignore[attr-defined]
         register("calibration_inputs", inputs, persistent=False)
@@ -74,6 +77,12 @@ class JumpReLUExportMixin:
         # Every input seen since: (sum of norms, count), the population the sample is drawn from.
         register("input_norm_totals", torch.zeros(2, dtype=torch.double, device=device), persistent=False)
         self._sampling_generator: torch.Generator | None = None
+
+    def _allocate_calibration_sample(self) -> None:
+        """Give the sample its ``threshold_calibration_tokens`` slots, once (nothing if it has them)."""
+        n = self.cfg.threshold_calibration_tokens
+        if self.calibration_keys.shape[0] != n:
+            self._reset_calibration_sample(n)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)  # type: ignore[misc]
@@ -101,9 +110,10 @@ class JumpReLUExportMixin:
         norms of all inputs are summed, for the export's correction (:func:`sample_thresholds`).
         """
         self.calibrated_thresholds.fill_(torch.nan)
-        capacity = self.calibration_keys.shape[0]
+        capacity = self.cfg.threshold_calibration_tokens
         if capacity == 0:
             return
+        self._allocate_calibration_sample()
         rows = sae_in.detach().reshape(-1, self.cfg.d_in)
         norms = rows.double().norm(dim=-1)
         self.input_norm_totals[0] += norms.sum()
@@ -238,7 +248,8 @@ def calibrate_over_ranks(sae: JumpReLUExportMixin) -> None:
     computed on it, as :func:`calibrate_thresholds` does, until the next training step. Call it on
     every rank before rank 0 saves a checkpoint or the inference model. Sends ``N x d_in`` values.
     """
-    capacity = sae.calibration_keys.shape[0]
+    capacity = sae.cfg.threshold_calibration_tokens
+    sae._allocate_calibration_sample()  # a rank that took no step gathers an empty sample of the same size
     keys = gather_over_ranks(sae.calibration_keys).reshape(-1)
     if capacity == 0 or not bool(torch.isfinite(keys).any()):
         return

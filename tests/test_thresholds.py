@@ -150,6 +150,18 @@ def test_nearly_constant_norms_leave_the_calibration_uncorrected(arch):
     torch.testing.assert_close(corrected, plain.to(corrected), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("arch", ["mutual_choice", "feature_choice"])
+def test_the_calibration_sample_is_allocated_by_the_first_training_step(arch, tmp_path):
+    sae = _sae(arch, threshold_calibration_tokens=1000)
+    assert sae.calibration_inputs.numel() == 0
+    _train(sae, steps=1)
+    assert sae.calibration_inputs.shape == (1000, D_IN)
+    sae.save_model(tmp_path)
+    loaded = _sae(arch, threshold_calibration_tokens=1000)
+    loaded.load_weights_from_checkpoint(tmp_path)
+    assert loaded.calibration_inputs.numel() == 0
+
+
 def test_the_calibration_sample_is_uniform_over_the_whole_run():
     """Inputs arrive in order (as from a corpus sorted by date); the sample must not be the latest ones."""
     sae = _sae("mutual_choice", threshold_calibration_tokens=320)
