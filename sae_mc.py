@@ -7,7 +7,7 @@
     sae-mc demo [--quick]                              compare the packaged demo config: the README's main job
 
 This module only parses the command line; torch, SAELens and the package load after parsing, so
-``sae-mc --help`` answers at once. The commands live in :mod:`sae_mutual_choice.cli`.
+``sae-mc --help`` answers at once. The commands live in :mod:`sae_mutual_choice.app.cli`.
 """
 
 import argparse
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("WANDB_MODE", "offline")
         # Offline, wandb's end-of-run history and summary repeat what the run prints; where it keeps the run stays.
         os.environ.setdefault("WANDB_QUIET", "true")
-    from sae_mutual_choice import cli
+    from sae_mutual_choice.app import cli
 
     start = time.perf_counter()
     try:

@@ -103,7 +103,7 @@ def demo_inputs(sae_path: Path | None) -> tuple[torch.Tensor, int, dict[str, tor
     weights (or None)."""
     from mc_shortlist import config_activations, step_start
 
-    from sae_mutual_choice.cli import demo_config
+    from sae_mutual_choice.app.cli import demo_config
 
     x, d_sae, _ = config_activations(demo_config(), 2048)
     x, state = step_start(x, sae_path)

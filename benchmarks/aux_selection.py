@@ -1,6 +1,6 @@
 """The aux loss's search for each token's best candidates: which way is fastest at which share.
 
-``aux_zipf.aux_selection`` takes each token's ``d_in // 2`` best-scoring candidate latents (under-used,
+``fast.aux_selection.aux_selection`` takes each token's ``d_in // 2`` best-scoring candidate latents (under-used,
 or dead for AuxK). Knowing how many there are, it can search three ways (``aux_zipf.search_*``): copy
 the candidates' columns and search those; mask the other latents to -inf in a copy of all columns and
 search that; or, when every latent is a candidate, search all columns as they are. This prints, for each shape
@@ -18,7 +18,8 @@ from functools import partial
 
 import torch
 
-from sae_mutual_choice.aux_zipf import COLUMNS_SEARCH_SHARE, search_columns, search_masked, search_unmasked
+from sae_mutual_choice.fast.aux_selection import COLUMNS_SEARCH_SHARE, search_columns, search_unmasked
+from sae_mutual_choice.upstream.aux_zipf import search_masked
 
 # (B, F, d_in // 2): the demo's, and step_time.py's two CPU shapes.
 SHAPES = [(2048, 2304, 288), (4096, 4608, 288), (4096, 16384, 384)]

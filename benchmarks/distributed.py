@@ -2,7 +2,7 @@
 
 For each (B, F, k), B the joined batch, and each architecture, N ranks (gloo on this CPU, one thread
 each) take training steps with ``data_parallel`` on their B/N-token slices: forward, backward, the
-gradient all-reduce DDP would do, Adam. The collectives of :mod:`sae_mutual_choice.collectives` are
+gradient all-reduce DDP would do, Adam. The collectives of :mod:`sae_mutual_choice.fast.collectives` are
 wrapped to count what each rank contributes to them per step (the *payload*: the tensor it passes
 in; a ring all-gather then sends (N-1) times that, a ring all-reduce 2(N-1)/N times), apart from the
 gradients' all-reduce (2·d_in·F + F + d_in floats, the same for every architecture). The same
@@ -29,8 +29,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sae_mutual_choice import ARCHITECTURES, collectives
-from sae_mutual_choice.allocation import batch_budget
+from sae_mutual_choice import ARCHITECTURES
+from sae_mutual_choice.fast import collectives
+from sae_mutual_choice.upstream.allocation import batch_budget
 
 RESULTS_JSON = Path(__file__).parent.parent / "docs" / "results" / "distributed.json"
 D_IN = 64

@@ -35,11 +35,11 @@ import torch
 from sae_lens.multi_sae_training_runner import MultiSAETrainingRunner
 from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 
-from sae_mutual_choice import embedded
-from sae_mutual_choice.cli import demo_config
-from sae_mutual_choice.compare import CompareSpec, resolve_model_and_dataset
-from sae_mutual_choice.progress import quiet_known_noise, training_progress
-from sae_mutual_choice.yaml_config import read_yaml
+from sae_mutual_choice.app import embedded
+from sae_mutual_choice.app.cli import demo_config
+from sae_mutual_choice.app.compare import CompareSpec, resolve_model_and_dataset
+from sae_mutual_choice.app.progress import quiet_known_noise, training_progress
+from sae_mutual_choice.app.yaml_config import read_yaml
 
 
 class Parts:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from sae_mutual_choice.sparse_step import Pairs, bag_sum, decode_pairs
+from sae_mutual_choice.fast.sparse_step import Pairs, bag_sum, decode_pairs
 
 Decode = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 

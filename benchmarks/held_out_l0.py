@@ -33,10 +33,9 @@ from typing import Any
 import torch
 from sae_lens import SAE
 
-from sae_mutual_choice import embedded
-from sae_mutual_choice.calibration import latent_scores, norm_corrected_counts, thresholds_for_counts
-from sae_mutual_choice.compare import CompareSpec, held_out_store, held_out_text, load_any_model
-from sae_mutual_choice.evaluate import (
+from sae_mutual_choice.app import embedded
+from sae_mutual_choice.app.compare import CompareSpec, held_out_store, held_out_text, load_any_model
+from sae_mutual_choice.app.evaluate import (
     at_k,
     counts_at_k,
     held_out_activations,
@@ -44,7 +43,8 @@ from sae_mutual_choice.evaluate import (
     trained_k,
     with_thresholds,
 )
-from sae_mutual_choice.yaml_config import read_yaml
+from sae_mutual_choice.app.yaml_config import read_yaml
+from sae_mutual_choice.upstream.calibration import latent_scores, norm_corrected_counts, thresholds_for_counts
 
 CHUNK_TOKENS = 16_384
 BATCH_TOKENS = 2048

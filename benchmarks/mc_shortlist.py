@@ -32,12 +32,12 @@ from sae_lens import SAE
 from sae_lens.registry import get_sae_training_class
 from step_time import build, step
 
-from sae_mutual_choice import selection
-from sae_mutual_choice.cli import demo_config
-from sae_mutual_choice.compare import CompareSpec, load_any_model
-from sae_mutual_choice.embedded import embedded_dataset
-from sae_mutual_choice.evaluate import token_activations
-from sae_mutual_choice.yaml_config import read_yaml
+from sae_mutual_choice.app.cli import demo_config
+from sae_mutual_choice.app.compare import CompareSpec, load_any_model
+from sae_mutual_choice.app.embedded import embedded_dataset
+from sae_mutual_choice.app.evaluate import token_activations
+from sae_mutual_choice.app.yaml_config import read_yaml
+from sae_mutual_choice.fast import selection
 
 SHARES = [1, 2, 4, 8]
 # The cuts compared: the estimated one (the module's), and the bound one alone with N shares per row.

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from bench_common import load_settings, parse_arguments, write_section
 
-from sae_mutual_choice.aux_zipf import underuse_weights
-from sae_mutual_choice.compare import CompareSpec, run_compare
-from sae_mutual_choice.config import AllocationFields
+from sae_mutual_choice.app.compare import CompareSpec, run_compare
+from sae_mutual_choice.fast.config import AllocationFields
+from sae_mutual_choice.upstream.aux_zipf import underuse_weights
 
 ROOT = Path(__file__).parent.parent
 IMAGES = ROOT / "docs" / "images"

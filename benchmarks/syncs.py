@@ -25,7 +25,7 @@ from sae_lens.saes.sae import TrainStepInput
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sae_mutual_choice  # noqa: F401  (registers the architectures)
-from sae_mutual_choice.host_reads import sync_free
+from sae_mutual_choice.fast.host_reads import sync_free
 
 ALWAYS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive"}
 

@@ -30,7 +30,7 @@ from sae_lens.synthetic.evals import eval_sae_on_synthetic_data
 from sae_lens.synthetic.synthetic_sae_runner import SyntheticSAERunner, SyntheticSAERunnerConfig
 
 import sae_mutual_choice  # noqa: F401  (registers the architectures)
-from sae_mutual_choice.evaluate import at_k
+from sae_mutual_choice.app.evaluate import at_k
 
 ROOT = Path(__file__).parent.parent
 INTEGER_K = ("topk", "token_choice")

@@ -8,17 +8,17 @@ without this package.
 
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY, register_sae_training_class
 
-from sae_mutual_choice.allocation import (
+from sae_mutual_choice.fast.feature_choice_sae import FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig
+from sae_mutual_choice.fast.mutual_choice_sae import MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig
+from sae_mutual_choice.fast.thresholds import calibrate_thresholds
+from sae_mutual_choice.fast.token_choice_sae import TokenChoiceTrainingSAE, TokenChoiceTrainingSAEConfig
+from sae_mutual_choice.upstream.allocation import (
     batch_budget,
     feature_choice,
     mutual_choice,
     token_choice,
 )
-from sae_mutual_choice.aux_zipf import aux_zipf_loss, underuse_weights
-from sae_mutual_choice.feature_choice_sae import FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig
-from sae_mutual_choice.mutual_choice_sae import MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig
-from sae_mutual_choice.thresholds import calibrate_thresholds
-from sae_mutual_choice.token_choice_sae import TokenChoiceTrainingSAE, TokenChoiceTrainingSAEConfig
+from sae_mutual_choice.upstream.aux_zipf import aux_zipf_loss, underuse_weights
 
 ARCHITECTURES = {
     "token_choice": (TokenChoiceTrainingSAE, TokenChoiceTrainingSAEConfig),

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sae_lens.saes.batchtopk_sae import BatchTopK
 
-from sae_mutual_choice.allocation import (
+from sae_mutual_choice.upstream.allocation import (
     batch_budget,
     feature_choice,
     mutual_choice,

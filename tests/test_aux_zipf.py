@@ -8,8 +8,10 @@ from sae_lens.saes.sae import TrainCoefficientConfig
 
 import sae_mutual_choice
 from sae_mutual_choice import MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig, aux_zipf_loss
-from sae_mutual_choice.aux_zipf import COLUMNS_SEARCH_SHARE, aux_selection, underuse_weights
-from sae_mutual_choice.host_reads import sync_free
+from sae_mutual_choice.fast.aux_selection import COLUMNS_SEARCH_SHARE, aux_selection
+from sae_mutual_choice.fast.host_reads import sync_free
+from sae_mutual_choice.upstream.aux_zipf import aux_selection as upstream_aux_selection
+from sae_mutual_choice.upstream.aux_zipf import underuse_weights
 
 D_IN, D_SAE = 10, 40
 
@@ -46,7 +48,11 @@ def test_nothing_underused_gives_zero_loss():
 
 
 @pytest.mark.parametrize("rescale", [True, False])
-def test_reduces_exactly_to_saelens_auxk_under_the_dead_mask(rescale):
+@pytest.mark.parametrize("fixed_size", [False, True])
+def test_reduces_exactly_to_saelens_auxk_under_the_dead_mask(rescale, fixed_size):
+    # The CPU search equals AuxK bit for bit; the fixed-size (sync-free) one to float rounding of its scale.
+    select = upstream_aux_selection if fixed_size else aux_selection
+    tolerance = {"rtol": 1e-6, "atol": 1e-7} if fixed_size else {"rtol": 0, "atol": 0}
     sae = _sae(rescale_acts_by_decoder_norm=rescale, aux_loss_coefficient=0.7)
     x = _batch(1)
     feature_acts, hidden_pre = sae.encode_with_hidden_pre(x)
@@ -54,14 +60,14 @@ def test_reduces_exactly_to_saelens_auxk_under_the_dead_mask(rescale):
     for n_dead in (1, 3, 5, 17, D_SAE):  # below and above k_aux = d_in // 2 = 5
         dead = torch.zeros(D_SAE, dtype=torch.bool)
         dead[torch.randperm(D_SAE, generator=torch.Generator().manual_seed(n_dead))[:n_dead]] = True
-        ours = aux_zipf_loss(x, sae_out, hidden_pre, dead.float(), sae.W_dec, rescale, 0.7)
+        ours = aux_zipf_loss(x, sae_out, hidden_pre, dead.float(), sae.W_dec, rescale, 0.7, select)
         theirs = sae.calculate_topk_aux_loss(x, sae_out, hidden_pre, dead)
         assert float(theirs.detach()) > 0
-        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        torch.testing.assert_close(ours, theirs, **tolerance)
         grads_ours = torch.autograd.grad(ours, [sae.W_enc, sae.W_dec, sae.b_enc], retain_graph=True)
         grads_theirs = torch.autograd.grad(theirs, [sae.W_enc, sae.W_dec, sae.b_enc], retain_graph=True)
         for a, b in zip(grads_ours, grads_theirs, strict=True):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            torch.testing.assert_close(a, b, **tolerance)
 
 
 def test_residual_is_detached():

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from sae_mutual_choice.cli import demo_config
-from sae_mutual_choice.compare import CompareSpec
-from sae_mutual_choice.yaml_config import read_yaml
+from sae_mutual_choice.app.cli import demo_config
+from sae_mutual_choice.app.compare import CompareSpec
+from sae_mutual_choice.app.yaml_config import read_yaml
 
 ROOT = Path(__file__).parent.parent
 

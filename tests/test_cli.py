@@ -13,7 +13,7 @@ from sae_lens import SAE, JumpReLUSAE
 
 import sae_mutual_choice
 from sae_mc import main
-from sae_mutual_choice.compare import CompareSpec
+from sae_mutual_choice.app.compare import CompareSpec
 
 ROOT = Path(__file__).parent.parent
 TINY = ROOT / "tests" / "data" / "compare_tiny.yaml"
@@ -228,7 +228,7 @@ def test_help_loads_neither_torch_nor_saelens():
 
 
 def test_demo_config_is_package_data():
-    from sae_mutual_choice.cli import demo_config
+    from sae_mutual_choice.app.cli import demo_config
 
     config = demo_config()
     assert config.is_file() and config.parent.parent == Path(sae_mutual_choice.__file__).parent

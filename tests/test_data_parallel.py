@@ -36,13 +36,16 @@ from sae_mutual_choice import (
     MutualChoiceTrainingSAEConfig,
     TokenChoiceTrainingSAE,
     TokenChoiceTrainingSAEConfig,
-    data_parallel,
 )
-from sae_mutual_choice.allocation import feature_choice, mutual_choice
-from sae_mutual_choice.collectives import rank, world_size
-from sae_mutual_choice.compare import CompareSpec
-from sae_mutual_choice.selection import feature_choice_entries_over_ranks, mutual_choice_entries_over_ranks
-from sae_mutual_choice.thresholds import calibrate_over_ranks
+from sae_mutual_choice.app.compare import CompareSpec
+from sae_mutual_choice.fast import data_parallel
+from sae_mutual_choice.fast.collectives import rank, world_size
+from sae_mutual_choice.fast.selection import (
+    feature_choice_entries_over_ranks,
+    mutual_choice_entries_over_ranks,
+)
+from sae_mutual_choice.fast.thresholds import calibrate_over_ranks
+from sae_mutual_choice.upstream.allocation import feature_choice, mutual_choice
 
 D_IN, D_SAE, TOKENS_PER_RANK, STEPS = 8, 48, 10, 5
 SAES = {

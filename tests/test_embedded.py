@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sae_mutual_choice import embedded
+from sae_mutual_choice.app import embedded
 
 
 def test_held_out_addresses_are_never_in_training():

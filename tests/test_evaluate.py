@@ -9,7 +9,7 @@ from sae_mutual_choice import (
     MutualChoiceTrainingSAE,
     MutualChoiceTrainingSAEConfig,
 )
-from sae_mutual_choice.evaluate import at_k, counts_at_k, trained_k
+from sae_mutual_choice.app.evaluate import at_k, counts_at_k, trained_k
 
 D_IN, D_SAE, K = 16, 64, 4.0
 

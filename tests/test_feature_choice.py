@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sae_mutual_choice import FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig
-from sae_mutual_choice.host_reads import sync_free
+from sae_mutual_choice.fast.host_reads import sync_free
 
 
 def _concentrated_demand_sae() -> FeatureChoiceTrainingSAE:

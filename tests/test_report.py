@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from sae_mutual_choice.report import density_rank_figure, l0_histogram_figure, mse_vs_l0_figure
+from sae_mutual_choice.app.report import density_rank_figure, l0_histogram_figure, mse_vs_l0_figure
 
 
 def _row(l0_max: int, log_scale: float, l0: float, mse: float) -> dict:

@@ -10,11 +10,10 @@ from helpers import copy_parameters, dense_acts, forward_and_grads, step_input
 from sae_lens.registry import get_sae_training_class
 
 import sae_mutual_choice  # noqa: F401  (registers the architectures)
-from sae_mutual_choice import base, selection
-from sae_mutual_choice.allocation import feature_choice, mutual_choice, token_choice
-from sae_mutual_choice.config import sparse_step_is_faster
-from sae_mutual_choice.host_reads import sync_free
-from sae_mutual_choice.selection import (
+from sae_mutual_choice.fast import base, selection
+from sae_mutual_choice.fast.config import sparse_step_is_faster
+from sae_mutual_choice.fast.host_reads import sync_free
+from sae_mutual_choice.fast.selection import (
     SHORTLIST_OVER_MEAN_CAPACITY,
     Entries,
     candidate_cut,
@@ -24,6 +23,7 @@ from sae_mutual_choice.selection import (
     mutual_choice_entries,
     token_choice_entries,
 )
+from sae_mutual_choice.upstream.allocation import feature_choice, mutual_choice, token_choice
 
 ARCHITECTURES = ["token_choice", "mutual_choice", "feature_choice"]
 
@@ -42,7 +42,7 @@ def _assert_same_entries(fast: Entries, dense: Entries) -> None:
 
 @pytest.fixture(params=["host reads", "sync-free"])
 def host_path(request):
-    """Each selection test runs on both paths (:mod:`sae_mutual_choice.host_reads`)."""
+    """Each selection test runs on both paths (:mod:`sae_mutual_choice.fast.host_reads`)."""
     with sync_free() if request.param == "sync-free" else contextlib.nullcontext():
         yield request.param
 

@@ -1,6 +1,6 @@
 """Host-device synchronisations of a steady-state training step, on the path an accelerator takes.
 
-Counted on CPU under :func:`~sae_mutual_choice.host_reads.sync_free` by ``benchmarks/syncs.py``'s
+Counted on CPU under :func:`~sae_mutual_choice.fast.host_reads.sync_free` by ``benchmarks/syncs.py``'s
 dispatch-mode counter (value reads, ``nonzero``, boolean-mask indexing, ``unique``, ...) over steps
 3-5; with CUDA, also by ``torch.cuda.set_sync_debug_mode("error")``.
 """
@@ -14,8 +14,8 @@ import pytest
 import torch
 from helpers import step_input
 
-from sae_mutual_choice.base import NONFINITE_CHECK_INTERVAL
-from sae_mutual_choice.host_reads import sync_free
+from sae_mutual_choice.fast.base import NONFINITE_CHECK_INTERVAL
+from sae_mutual_choice.fast.host_reads import sync_free
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 syncs = importlib.import_module("syncs")

@@ -15,9 +15,9 @@ from sae_mutual_choice import (
     TokenChoiceTrainingSAEConfig,
     calibrate_thresholds,
 )
-from sae_mutual_choice.calibration import latent_scores
-from sae_mutual_choice.checkpoints import load_training_checkpoint
-from sae_mutual_choice.thresholds import sample_thresholds
+from sae_mutual_choice.app.checkpoints import load_training_checkpoint
+from sae_mutual_choice.fast.thresholds import sample_thresholds
+from sae_mutual_choice.upstream.calibration import latent_scores
 
 D_IN, D_SAE = 16, 64
 

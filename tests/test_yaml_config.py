@@ -5,8 +5,8 @@ import yaml
 from sae_lens import LanguageModelSAERunnerConfig
 
 import sae_mutual_choice  # noqa: F401
-from sae_mutual_choice.compare import CompareSpec
-from sae_mutual_choice.yaml_config import read_yaml, runner_config_from_dict
+from sae_mutual_choice.app.compare import CompareSpec
+from sae_mutual_choice.app.yaml_config import read_yaml, runner_config_from_dict
 
 ROOT = Path(__file__).parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "tests" / "data").glob("*.yaml"))

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sae_mutual_choice.zipf import (
+from sae_mutual_choice.upstream.zipf import (
     capacities_from_shares,
     demand_capacities,
     fit_zipf,

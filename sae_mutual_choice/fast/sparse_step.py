@@ -4,8 +4,8 @@ SAELens's step keeps ``[B, F]`` activations with an autograd graph, decodes them
 matmul and back-propagates densely, though only about k·B of the B·F pairs fire. Here:
 
 1. the scores ``hidden_pre [B, F]`` are computed once, without an autograd graph;
-2. the SAE selects the firing pairs (:mod:`sae_mutual_choice.selection`) and, for the aux loss,
-   each token's under-used latents (:func:`~sae_mutual_choice.aux_zipf.aux_selection`);
+2. the SAE selects the firing pairs (:mod:`sae_mutual_choice.fast.selection`) and, for the aux loss,
+   each token's under-used latents (:func:`~sae_mutual_choice.fast.aux_selection.aux_selection`);
 3. :class:`SelectedScores` gives those pairs their scores with a gradient that flows to the
    encoder through the selected pairs only (sums over the pairs per token and per latent, via
    ``embedding_bag``; to ``b_dec``, through the input, as one sum over latents);
@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 
-from sae_mutual_choice.aux_zipf import aux_reconstruction_loss, aux_selection
-from sae_mutual_choice.selection import Entries
+from sae_mutual_choice.fast.aux_selection import aux_selection
+from sae_mutual_choice.fast.selection import Entries
+from sae_mutual_choice.upstream.aux_zipf import aux_reconstruction_loss
 
 
 def _bag_offsets(groups: torch.Tensor, n_groups: int) -> torch.Tensor:
@@ -165,7 +166,7 @@ class SparseStep:
         """``(x, shift)``: the encoder's input and what :class:`SelectedScores` differentiates it through.
 
         SAELens's ``process_sae_in`` subtracts ``b_dec * apply_b_dec_to_input`` last; the SAE has no
-        hooks here (:meth:`~sae_mutual_choice.base.AllocationSAEMixin.sparse_step_applies`). So where
+        hooks here (:meth:`~sae_mutual_choice.fast.base.AllocationSAEMixin.sparse_step_applies`). So where
         ``sae_in`` needs no gradient, ``x`` is a constant minus that shift, whose gradient is a sum
         over latents; else ``x`` keeps its graph and the shift is a constant 0.
         """
@@ -227,7 +228,7 @@ class SparseStep:
         )
 
     def aux_loss(self, sae_out: torch.Tensor, underuse: torch.Tensor, coefficient: float) -> torch.Tensor:
-        """The aux loss of :func:`~sae_mutual_choice.aux_zipf.aux_zipf_loss`, on the selected pairs only."""
+        """The aux loss of :func:`~sae_mutual_choice.upstream.aux_zipf.aux_zipf_loss`, on the selected pairs only."""
         sae_in = self.step_input.sae_in
         selection = aux_selection(self.hidden_pre, underuse, sae_in.shape[-1])
         if selection is None:

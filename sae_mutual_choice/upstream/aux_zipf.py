@@ -8,13 +8,13 @@ candidates are the latents with ``w_j > 0``, each selected latent's activation i
 exactly.
 """
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from sae_lens.saes.topk_sae import act_times_W_dec
 
-from sae_mutual_choice.host_reads import host_reads_are_free
-from sae_mutual_choice.zipf import fitted_zipf, ranks_of
+from sae_mutual_choice.upstream.zipf import fitted_zipf, ranks_of
 
 
 @torch.no_grad()
@@ -24,7 +24,7 @@ def underuse_weights(
     """Under-use weight of every latent relative to a Zipf law fitted to ``usage``. ``[F] -> [F]``.
 
     ``usage`` is each latent's firing rate. A Zipf law is fitted to the head of its rank curve
-    (:func:`sae_mutual_choice.zipf.fitted_zipf`), giving every rank a target rate ``t_r``; latent ``j``
+    (:func:`sae_mutual_choice.upstream.zipf.fitted_zipf`), giving every rank a target rate ``t_r``; latent ``j``
     at rank ``r`` gets ``w_j = clamp(1 - usage_j / (underuse_ratio * t_r), 0, 1)``: 0 once it fires
     at least ``underuse_ratio`` of its target, 1 when it never fires; all 0 when no law can be
     fitted (fewer than two latents fire). Returns ``(w, exponent)``, the exponent a float64 scalar
@@ -49,64 +49,31 @@ class AuxSelection(NamedTuple):
     scale: float | torch.Tensor
 
 
-def search_columns(hidden_pre: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
-    """Each token's ``k`` best candidates (``k`` at most their number), from a copy of their columns
-    (a host read: ``nonzero``). ``-> [..., k]`` latent ids."""
-    columns = candidates.nonzero().squeeze(1)
-    return columns[hidden_pre[..., columns].topk(k, sorted=False).indices]
-
-
 def search_masked(hidden_pre: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
     """Each token's ``k`` best latents with non-candidates scored -inf, in a copy of all columns (no
     host read; non-candidates fill the rest when there are fewer than ``k`` candidates)."""
     return torch.where(candidates, hidden_pre, -torch.inf).topk(k, sorted=False).indices
 
 
-def search_unmasked(hidden_pre: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:  # noqa: ARG001
-    """Each token's ``k`` best latents, when every latent is a candidate (no copy)."""
-    return hidden_pre.topk(k, sorted=False).indices
-
-
-# Up to this share of the latents as candidates, search_columns is faster than search_masked
-# (benchmarks/aux_selection.py, CPU; above it, about even).
-COLUMNS_SEARCH_SHARE = 0.8
-
-
 @torch.no_grad()
 def aux_selection(hidden_pre: torch.Tensor, underuse: torch.Tensor, d_in: int) -> AuxSelection | None:
-    """Which latents each token's aux reconstruction uses.
+    """Which latents each token's aux reconstruction uses, with no host read.
 
     ``hidden_pre``: ``[..., F]`` scores; ``underuse``: ``[F]`` weights in ``[0, 1]``. Each token takes
     its ``k_aux = d_in // 2`` best-scoring candidates (latents with weight > 0), all of them if there
-    are fewer. None (no aux loss) when ``k_aux`` is 0 (``d_in = 1``), on every path: SAELens's AuxK
-    would divide by it. Where host reads are free (:mod:`sae_mutual_choice.host_reads`) the number
-    of candidates is read: None when there is none; :func:`search_columns` up to
-    ``COLUMNS_SEARCH_SHARE`` of the latents, :func:`search_unmasked` when every latent is one, else
-    :func:`search_masked`. Otherwise the selection has a fixed size, ``min(k_aux, F)`` per token
-    (:func:`search_masked`), with non-candidates filling it at weight 0, which adds exactly nothing
-    to the loss or its gradients.
+    are fewer: a selection of fixed size ``min(k_aux, F)`` per token (:func:`search_masked`), with
+    non-candidates filling it at weight 0, which adds exactly nothing to the loss or its gradients.
+    None (no aux loss) when ``k_aux`` is 0 (``d_in = 1``): SAELens's AuxK would divide by it.
     """
-    candidates = underuse > 0
     k_aux = d_in // 2
     if k_aux == 0:
         return None
-    n_latents = hidden_pre.shape[-1]
-    if not host_reads_are_free(hidden_pre):
-        latents = search_masked(hidden_pre, candidates, min(k_aux, n_latents))
-        scale = (underuse.sum() / k_aux).clamp(max=1.0)
-        return AuxSelection(latents, underuse.to(hidden_pre.dtype)[latents], scale)
-    n_candidates = int(candidates.sum())
-    if n_candidates == 0:
-        return None
-    scale = min(float(underuse.sum()) / k_aux, 1.0)  # as SAELens's AuxK computes it
-    if n_candidates == n_latents:
-        search = search_unmasked
-    elif n_candidates <= COLUMNS_SEARCH_SHARE * n_latents:
-        search = search_columns
-    else:
-        search = search_masked
-    latents = search(hidden_pre, candidates, min(k_aux, n_candidates))
+    latents = search_masked(hidden_pre, underuse > 0, min(k_aux, hidden_pre.shape[-1]))
+    scale = (underuse.sum() / k_aux).clamp(max=1.0)
     return AuxSelection(latents, underuse.to(hidden_pre.dtype)[latents], scale)
+
+
+AuxSelector = Callable[[torch.Tensor, torch.Tensor, int], "AuxSelection | None"]
 
 
 def aux_zipf_loss(
@@ -117,14 +84,16 @@ def aux_zipf_loss(
     W_dec: torch.Tensor,
     rescale_acts_by_decoder_norm: bool,
     coefficient: float,
+    select: AuxSelector = aux_selection,
 ) -> torch.Tensor:
     """The auxiliary loss for one batch (a scalar), on the dense activations.
 
     ``sae_in``, ``sae_out``: ``[B, d_in]``; ``hidden_pre``: ``[B, F]`` scores; ``underuse``: ``[F]``
     weights in ``[0, 1]``; ``W_dec``: ``[F, d_in]``. The residual is detached, so only the
     selected under-used latents (their encoder rows and decoder rows) receive gradient.
+    ``select``: how the latents are chosen (:func:`aux_selection`, or a faster equivalent).
     """
-    selection = aux_selection(hidden_pre, underuse, sae_in.shape[-1])
+    selection = select(hidden_pre, underuse, sae_in.shape[-1])
     if selection is None:
         return sae_out.new_tensor(0.0)
     values = hidden_pre.gather(-1, selection.latents) * selection.weights

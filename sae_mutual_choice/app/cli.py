@@ -17,13 +17,14 @@ from typing import Any, TypeVar
 import torch
 from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
 
-from sae_mutual_choice import compare as compare_module
-from sae_mutual_choice import data_parallel, preflight
-from sae_mutual_choice.checkpoints import check_training_checkpoint
-from sae_mutual_choice.collectives import end_process_group, launched_ranks, rank, start_process_group
-from sae_mutual_choice.embedded import model_dims
-from sae_mutual_choice.progress import quiet_known_noise, training_progress
-from sae_mutual_choice.yaml_config import read_yaml, runner_config_from_dict
+from sae_mutual_choice.app import compare as compare_module
+from sae_mutual_choice.app import preflight
+from sae_mutual_choice.app.checkpoints import check_training_checkpoint
+from sae_mutual_choice.app.embedded import model_dims
+from sae_mutual_choice.app.progress import quiet_known_noise, training_progress
+from sae_mutual_choice.app.yaml_config import read_yaml, runner_config_from_dict
+from sae_mutual_choice.fast import data_parallel
+from sae_mutual_choice.fast.collectives import end_process_group, launched_ranks, rank, start_process_group
 
 T = TypeVar("T")
 
@@ -144,7 +145,7 @@ def check_calibrate(checkpoint: Path, out: Path) -> None:
 def train(cfg: LanguageModelSAERunnerConfig[Any]) -> Any:
     """One SAE through ``LanguageModelSAETrainingRunner``, embedded model/corpus resolved, seeded by ``seed``.
 
-    Under ``torchrun`` with several ranks: data-parallel training (:mod:`sae_mutual_choice.data_parallel`).
+    Under ``torchrun`` with several ranks: data-parallel training (:mod:`sae_mutual_choice.fast.data_parallel`).
     """
     if launched_ranks() == 1:
         return _train(cfg, LanguageModelSAETrainingRunner)

@@ -1,7 +1,7 @@
 """Mutual Choice: the budget's worth of largest (token, latent) scores of the whole batch fire.
 
 Built on SAELens's BatchTopK (which selects the same pairs). Exported as a JumpReLU SAE with one
-global threshold (see :mod:`sae_mutual_choice.thresholds` for where it comes from); the running
+global threshold (see :mod:`sae_mutual_choice.fast.thresholds` for where it comes from); the running
 estimate is a *bias-corrected* EMA of the smallest selected score of each batch.
 """
 
@@ -14,13 +14,13 @@ from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from torch import nn
 from typing_extensions import override
 
-from sae_mutual_choice.allocation import batch_budget, mutual_choice, over_tokens
-from sae_mutual_choice.base import AllocationSAEMixin
-from sae_mutual_choice.collectives import min_over_ranks
-from sae_mutual_choice.config import AllocationFields, check_integer, check_range, validate_common
-from sae_mutual_choice.running import debiased, ema_update_
-from sae_mutual_choice.selection import Entries, mutual_choice_entries, mutual_choice_entries_over_ranks
-from sae_mutual_choice.thresholds import JumpReLUExportMixin
+from sae_mutual_choice.fast.base import AllocationSAEMixin
+from sae_mutual_choice.fast.collectives import min_over_ranks
+from sae_mutual_choice.fast.config import AllocationFields, check_integer, check_range, validate_common
+from sae_mutual_choice.fast.selection import Entries, mutual_choice_entries, mutual_choice_entries_over_ranks
+from sae_mutual_choice.fast.thresholds import JumpReLUExportMixin
+from sae_mutual_choice.upstream.allocation import batch_budget, mutual_choice, over_tokens
+from sae_mutual_choice.upstream.running import debiased, ema_update_
 
 
 @dataclass

@@ -24,9 +24,9 @@ from sae_lens.training.activations_store import ActivationsStore
 from sae_lens.util import get_special_token_ids
 from tqdm.auto import tqdm
 
-from sae_mutual_choice.allocation import batch_budget
-from sae_mutual_choice.calibration import latent_blocks, latent_scores, thresholds_for_counts
-from sae_mutual_choice.zipf import demand_capacities, fit_zipf, round_capacities
+from sae_mutual_choice.upstream.allocation import batch_budget
+from sae_mutual_choice.upstream.calibration import latent_blocks, latent_scores, thresholds_for_counts
+from sae_mutual_choice.upstream.zipf import demand_capacities, fit_zipf, round_capacities
 
 DENSE_DENSITY = 0.1
 ZIPF_FIT_FRACTION = 0.5

@@ -12,8 +12,6 @@ from collections.abc import Callable
 
 import torch
 
-from sae_mutual_choice.host_reads import host_reads_are_free
-
 
 def batch_budget(k: float, n_tokens: int) -> int:
     """Total number of (token, latent) pairs a batch of ``n_tokens`` may fire: ``int(k * n_tokens)``.
@@ -23,12 +21,16 @@ def batch_budget(k: float, n_tokens: int) -> int:
     return int(k * n_tokens)
 
 
-def top_m_mask(scores: torch.Tensor, m: torch.Tensor | int, dim: int) -> torch.Tensor:
+def top_m_mask(
+    scores: torch.Tensor, m: torch.Tensor | int, dim: int, check_ties_on_host: bool = False
+) -> torch.Tensor:
     """Boolean mask of the ``m`` largest entries of ``scores`` along ``dim``.
 
     ``scores`` is 2-D; ``m`` is an int or a tensor with one count per slice (shape
     ``[scores.shape[1 - dim]]``), each clamped to ``scores.shape[dim]``. Ties at the boundary are
     resolved towards the lower index along ``dim``, so exactly ``m`` entries are selected.
+    ``check_ties_on_host``: first read on the host whether any tie straddles a boundary, and skip
+    the tie pass when none does (cheaper where a host read costs nothing, as on CPU).
     """
     n = scores.shape[dim]
     other = scores.shape[1 - dim]
@@ -56,8 +58,8 @@ def top_m_mask(scores: torch.Tensor, m: torch.Tensor | int, dim: int) -> torch.T
     tied = scores == boundary
     still_needed = counts - above.sum(dim, keepdim=True)
     # Where a tie straddles the boundary, keep the first tied entries along dim. Elsewhere this
-    # keeps every tied entry, so without free host reads it is applied without asking.
-    if not host_reads_are_free(scores) or bool((tied.sum(dim, keepdim=True) > still_needed).any()):
+    # keeps every tied entry, so it is applied without asking unless asking is cheap.
+    if not check_ties_on_host or bool((tied.sum(dim, keepdim=True) > still_needed).any()):
         position = tied.cumsum(dim, dtype=torch.int32 if n < 2**31 else torch.int64)
         tied = tied & (position <= still_needed)
     return (above | tied) & (counts > 0)

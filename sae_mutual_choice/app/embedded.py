@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 
-from sae_mutual_choice.preflight import config_dims
+from sae_mutual_choice.app.preflight import config_dims
 
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -29,21 +29,22 @@ from sae_lens import SAE, LoggingConfig
 from sae_lens.multi_sae_training_runner import MultiSAETrainingRunner, MultiSAETrainingRunnerConfig
 from sae_lens.training.activations_store import ActivationsStore
 
-from sae_mutual_choice import data_parallel, embedded, preflight
-from sae_mutual_choice.checkpoints import load_training_checkpoint
-from sae_mutual_choice.collectives import rank, world_size
-from sae_mutual_choice.config import check_integer
-from sae_mutual_choice.evaluate import (
+from sae_mutual_choice.app import embedded, preflight
+from sae_mutual_choice.app.checkpoints import load_training_checkpoint
+from sae_mutual_choice.app.evaluate import (
     allocation_diagnostics,
     at_k,
     held_out_activations,
     saelens_metrics,
     trained_k,
 )
-from sae_mutual_choice.progress import training_progress
-from sae_mutual_choice.report import markdown_table, write_results
-from sae_mutual_choice.thresholds import calibrate_thresholds
-from sae_mutual_choice.yaml_config import check_fields, sae_config_from_dict
+from sae_mutual_choice.app.progress import training_progress
+from sae_mutual_choice.app.report import markdown_table, write_results
+from sae_mutual_choice.app.yaml_config import check_fields, sae_config_from_dict
+from sae_mutual_choice.fast import data_parallel
+from sae_mutual_choice.fast.collectives import rank, world_size
+from sae_mutual_choice.fast.config import check_integer
+from sae_mutual_choice.fast.thresholds import calibrate_thresholds
 
 SECTIONS = {"runner", "saes", "evaluate_only", "evaluation", "quick"}
 AT_K_METRICS = ("l0_mean", "explained_variance", "normalized_mse", "ce_loss_score")
@@ -335,7 +336,7 @@ def _metrics_at_k(
     held_out: Any,
 ) -> dict[str, Any]:
     """The ``at_k_`` columns: an adaptive SAE recalibrated to mean L0 = k on the evaluation text
-    (:func:`~sae_mutual_choice.evaluate.at_k`); a TopK SAE's own figures; none for other SAEs."""
+    (:func:`~sae_mutual_choice.app.evaluate.at_k`); a TopK SAE's own figures; none for other SAEs."""
     k = trained_k(sae)
     if k is None or not (hasattr(sae, "threshold") or sae.cfg.architecture() == "topk"):
         return {}

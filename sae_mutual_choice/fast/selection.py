@@ -1,8 +1,8 @@
 """Fast exact selection: the (token, latent) pairs each allocation rule fires, as index lists.
 
-The sparse training path (:mod:`sae_mutual_choice.sparse_step`) never builds a dense ``[B, F]``
+The sparse training path (:mod:`sae_mutual_choice.fast.sparse_step`) never builds a dense ``[B, F]``
 activation tensor; it asks these functions which pairs fire. Each returns exactly the pairs that
-the dense rule of :mod:`sae_mutual_choice.allocation` fires on the same scores (ties included),
+the dense rule of :mod:`sae_mutual_choice.upstream.allocation` fires on the same scores (ties included),
 sorted by flat index ``token * F + latent``; the tests compare the two on tied and untied scores.
 
 - Token Choice: one per-token ``topk(k + 1)``; the extra column proves that no tie crosses the
@@ -26,9 +26,9 @@ from typing import NamedTuple
 
 import torch
 
-from sae_mutual_choice.allocation import top_m_mask
-from sae_mutual_choice.collectives import joined_boundaries, world_size
-from sae_mutual_choice.host_reads import host_reads_are_free
+from sae_mutual_choice.fast.collectives import joined_boundaries, world_size
+from sae_mutual_choice.fast.host_reads import host_reads_are_free
+from sae_mutual_choice.upstream.allocation import top_m_mask
 
 # Feature Choice without host reads: the shared shortlist's width, relative to the mean capacity.
 # Wider: a larger topk over every latent; narrower: more latents (up to budget / (width + 1)) ranked in full.
@@ -57,7 +57,7 @@ class Entries(NamedTuple):
     """Selected pairs, sorted by flat index: ``rows[i]`` is the token, ``cols[i]`` the latent.
 
     ``fires``: which pairs fire (their score is positive), where the selection kept a fixed number
-    of pairs instead of reading how many fire (no host read, :mod:`sae_mutual_choice.host_reads`);
+    of pairs instead of reading how many fire (no host read, :mod:`sae_mutual_choice.fast.host_reads`);
     None when every pair fires.
     """
 
@@ -98,7 +98,7 @@ def positive_entries(scores: torch.Tensor, entries: Entries) -> Entries:
 
 
 def token_choice_entries(scores: torch.Tensor, k: int) -> Entries:
-    """The pairs :func:`~sae_mutual_choice.allocation.token_choice` fires on ``scores [B, F]``."""
+    """The pairs :func:`~sae_mutual_choice.upstream.allocation.token_choice` fires on ``scores [B, F]``."""
     n_tokens, n_latents = scores.shape
     k = min(k, n_latents)
     width = min(k + 1, n_latents)
@@ -107,7 +107,7 @@ def token_choice_entries(scores: torch.Tensor, k: int) -> Entries:
     if width > k and k > 0:
         crossing = (top.values[:, k] == top.values[:, k - 1]).nonzero().squeeze(1)
         if crossing.numel():
-            mask = top_m_mask(scores[crossing], k, dim=1)
+            mask = top_m_mask(scores[crossing], k, dim=1, check_ties_on_host=host_reads_are_free(scores))
             latents[crossing] = mask.nonzero()[:, 1].view(-1, k)
     tokens = torch.arange(n_tokens, device=scores.device)[:, None]
     flat = (tokens * n_latents + latents).reshape(-1)
@@ -165,7 +165,7 @@ def mutual_choice_candidates(rows: torch.Tensor, budget: int) -> torch.Tensor:
 
 
 def mutual_choice_entries(scores: torch.Tensor, budget: int) -> Entries:
-    """The pairs :func:`~sae_mutual_choice.allocation.mutual_choice` fires on ``scores [B, F]``.
+    """The pairs :func:`~sae_mutual_choice.upstream.allocation.mutual_choice` fires on ``scores [B, F]``.
 
     ``scores`` may be token-major or latent-major; the cuts read its rows along the memory-contiguous
     dimension.
@@ -182,14 +182,14 @@ def mutual_choice_entries(scores: torch.Tensor, budget: int) -> Entries:
         values = values[order]
     else:  # nonzero lists them in flat order already
         flat = candidates[:, 0] * n_latents + candidates[:, 1]
-    keep = top_m_mask(values[:, None], budget, dim=0)[:, 0]
+    keep = top_m_mask(values[:, None], budget, dim=0, check_ties_on_host=host_reads_are_free(values))[:, 0]
     # Exactly min(budget, candidates) are kept (a size known here): take them in flat order.
     kept = torch.nonzero_static(keep, size=min(budget, flat.shape[0]))[:, 0]
     return entries_from_flat(flat[kept], n_latents, in_order=True)
 
 
 def feature_choice_entries(scores: torch.Tensor, counts: torch.Tensor, total: int | None = None) -> Entries:
-    """The pairs :func:`~sae_mutual_choice.allocation.feature_choice` fires on ``scores [B, F]``.
+    """The pairs :func:`~sae_mutual_choice.upstream.allocation.feature_choice` fires on ``scores [B, F]``.
 
     ``counts [F]``: each latent's capacity (integers). ``total``: their sum (each clamped to B),
     known on the host (the batch's budget); with it, where host reads are not free, the selection
@@ -213,12 +213,16 @@ def feature_choice_entries(scores: torch.Tensor, counts: torch.Tensor, total: in
         top = rows.topk(width, dim=1, sorted=True)
         # Within the shortlist, order by token so that top_m_mask's ties go to the lower token.
         tokens, order = top.indices.sort(dim=1)
-        chosen = top_m_mask(top.values.gather(1, order), need, dim=1)
+        chosen = top_m_mask(
+            top.values.gather(1, order), need, dim=1, check_ties_on_host=host_reads_are_free(rows)
+        )
         if width < n_tokens:
             boundary = top.values.gather(1, (need - 1)[:, None])[:, 0]
             unproven = (top.values[:, -1] == boundary).nonzero().squeeze(1)
             if unproven.numel():
-                full = top_m_mask(rows[unproven], need[unproven], dim=1)
+                full = top_m_mask(
+                    rows[unproven], need[unproven], dim=1, check_ties_on_host=host_reads_are_free(rows)
+                )
                 extra = full.nonzero()
                 pieces.append(extra[:, 1] * n_latents + latents[unproven][extra[:, 0]])
                 chosen[unproven] = False
@@ -279,7 +283,7 @@ def mutual_choice_entries_over_ranks(scores: torch.Tensor, budget: int) -> Entri
     """This rank's pairs of the joined batch's Mutual Choice selection; ``budget`` is the joined batch's.
 
     The rank selects its own best pairs (the single-process rule), sends their scores
-    (:func:`~sae_mutual_choice.collectives.joined_boundaries`), and keeps those above the joined
+    (:func:`~sae_mutual_choice.fast.collectives.joined_boundaries`), and keeps those above the joined
     boundary and its share of the pairs at it, in flat order. It first sends
     ``FIRST_ROUND_SHARE`` times its expected share of the budget; only if some rank's list did
     not reach the boundary does every rank send its full ``budget`` best (exact either way). Every

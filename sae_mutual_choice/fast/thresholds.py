@@ -17,16 +17,16 @@ over to other text. It lives in memory only: a checkpoint holds the F thresholds
 it with the checkpoint's weights (in ``calibrated_thresholds``), not copies of model activations;
 a resumed run samples afresh from the inputs it sees (and sums their norms afresh).
 
-The order statistics themselves are in :mod:`sae_mutual_choice.calibration`.
+The order statistics themselves are in :mod:`sae_mutual_choice.upstream.calibration`.
 """
 
 from typing import Any
 
 import torch
 
-from sae_mutual_choice.base import validate_activations
-from sae_mutual_choice.calibration import norm_corrected_thresholds, thresholds_for_counts
-from sae_mutual_choice.collectives import gather_over_ranks, rank
+from sae_mutual_choice.fast.base import validate_activations
+from sae_mutual_choice.fast.collectives import gather_over_ranks, rank
+from sae_mutual_choice.upstream.calibration import norm_corrected_thresholds, thresholds_for_counts
 
 LEGACY_CHECKPOINT_BUFFERS = ("recent_inputs", "recent_inputs_filled", "recent_inputs_next")
 
@@ -226,7 +226,7 @@ def sample_thresholds(
 
     ``sample [n, d_in]`` and its inputs' norms ``norms [n]`` were drawn from the run's inputs, whose
     norms sum to ``norm_totals[0]`` over ``norm_totals[1]`` inputs. The counts are the SAE's own for
-    ``n`` tokens, corrected for the sample's mean norm (:func:`~sae_mutual_choice.calibration.
+    ``n`` tokens, corrected for the sample's mean norm (:func:`~sae_mutual_choice.upstream.calibration.
     norm_corrected_counts`): a large-norm input fires many latents, so the count of such inputs
     that a sample happens to draw moves the thresholds, and the correction removes most of that
     noise. When the sample is every input the run saw, the counts stay exact. ``-> [F]`` float64.

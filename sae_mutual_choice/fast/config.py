@@ -51,7 +51,7 @@ class AllocationFields:
 
     Args:
         sparse_training: ``True``: the sparse step (only the selected pairs go past the encoder
-            matmul; see :mod:`sae_mutual_choice.sparse_step`). ``False``: SAELens's dense step, the
+            matmul; see :mod:`sae_mutual_choice.fast.sparse_step`). ``False``: SAELens's dense step, the
             reference. Both give the same losses and gradients. ``"auto"`` (default): whichever
             the benchmarks show to be faster on the step's device (:func:`sparse_step_is_faster`).
         aux_loss: ``"aux_zipf"`` (latents under-used relative to a Zipf fit, dead latents

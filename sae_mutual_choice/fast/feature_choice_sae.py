@@ -2,7 +2,7 @@
 
 Capacities are uniform, or Zipf-shaped over latents ranked by *demand*: the share of the batch's
 Mutual Choice selection each latent would win, a running average over training. Exported as a
-JumpReLU SAE with one threshold per latent (see :mod:`sae_mutual_choice.thresholds`); the running
+JumpReLU SAE with one threshold per latent (see :mod:`sae_mutual_choice.fast.thresholds`); the running
 estimate is a bias-corrected EMA of the smallest score each latent selected.
 """
 
@@ -14,21 +14,21 @@ import torch
 from sae_lens.saes.topk_sae import TopKTrainingSAE
 from typing_extensions import override
 
-from sae_mutual_choice.allocation import batch_budget, feature_choice, over_tokens
-from sae_mutual_choice.base import AllocationSAEMixin, with_bias
-from sae_mutual_choice.collectives import min_over_ranks, sum_over_ranks
-from sae_mutual_choice.config import AuxLoss, check_choice, check_range
-from sae_mutual_choice.mutual_choice_sae import MutualChoiceTrainingSAEConfig
-from sae_mutual_choice.running import debiased, ema_update_
-from sae_mutual_choice.selection import (
+from sae_mutual_choice.fast.base import AllocationSAEMixin, with_bias
+from sae_mutual_choice.fast.collectives import min_over_ranks, sum_over_ranks
+from sae_mutual_choice.fast.config import AuxLoss, check_choice, check_range
+from sae_mutual_choice.fast.mutual_choice_sae import MutualChoiceTrainingSAEConfig
+from sae_mutual_choice.fast.selection import (
     Entries,
     feature_choice_entries,
     feature_choice_entries_over_ranks,
     mutual_choice_entries,
     mutual_choice_entries_over_ranks,
 )
-from sae_mutual_choice.thresholds import JumpReLUExportMixin
-from sae_mutual_choice.zipf import demand_capacities, fitted_zipf, round_capacities, zipf_capacities
+from sae_mutual_choice.fast.thresholds import JumpReLUExportMixin
+from sae_mutual_choice.upstream.allocation import batch_budget, feature_choice, over_tokens
+from sae_mutual_choice.upstream.running import debiased, ema_update_
+from sae_mutual_choice.upstream.zipf import demand_capacities, fitted_zipf, round_capacities, zipf_capacities
 
 CAPACITIES = ("uniform", "zipf", "demand")
 

@@ -10,7 +10,7 @@ which averages the gradients. Beyond that, the trainers here (subclasses of SAEL
 - the dead-latent counters (AuxK's dead mask) and the activation-norm scaling factor the joined
   batch's (one ``all_reduce`` each);
 - rank 0 alone log and write: before every checkpoint and the final export all ranks join the
-  calibration sample (:func:`~sae_mutual_choice.thresholds.calibrate_over_ranks`); a checkpoint is
+  calibration sample (:func:`~sae_mutual_choice.fast.thresholds.calibrate_over_ranks`); a checkpoint is
   written to ``NAME.partial``, each rank adds its activation store's position, and rank 0 renames
   it to ``NAME`` once every rank has written. A rank that fails therefore never leaves a directory
   that looks like a complete checkpoint, and, unlike one process, an interrupted run writes no
@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from sae_mutual_choice.collectives import (
+from sae_mutual_choice.fast.collectives import (
     barrier,
     local_rank,
     min_over_ranks,
@@ -49,7 +49,7 @@ from sae_mutual_choice.collectives import (
     sum_over_ranks,
     world_size,
 )
-from sae_mutual_choice.thresholds import JumpReLUExportMixin, calibrate_over_ranks
+from sae_mutual_choice.fast.thresholds import JumpReLUExportMixin, calibrate_over_ranks
 
 # torch >= 2.13 names the option forward_sync_buffers and deprecates broadcast_buffers.
 NO_FORWARD_BUFFER_SYNC: dict[str, Any] = (

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from sae_mutual_choice.zipf import round_capacities
+from sae_mutual_choice.upstream.zipf import round_capacities
 
 MAX_BLOCK_BYTES = 1 << 28
 # A sample whose norms spread less than this many units of the inputs' float resolution (relative

@@ -10,10 +10,10 @@ from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAE, TopKTrainingS
 from torch import nn
 from typing_extensions import override
 
-from sae_mutual_choice.allocation import over_tokens, token_choice
-from sae_mutual_choice.base import AllocationSAEMixin
-from sae_mutual_choice.config import AllocationFields, validate_common
-from sae_mutual_choice.selection import Entries, token_choice_entries
+from sae_mutual_choice.fast.base import AllocationSAEMixin
+from sae_mutual_choice.fast.config import AllocationFields, validate_common
+from sae_mutual_choice.fast.selection import Entries, token_choice_entries
+from sae_mutual_choice.upstream.allocation import over_tokens, token_choice
 
 
 @dataclass

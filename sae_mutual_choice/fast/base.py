@@ -3,7 +3,7 @@
 :class:`AllocationSAEMixin` goes first in the bases of each training SAE. It adds
 
 - input validation (last dimension, empty batches, non-finite values) with clear errors;
-- the choice of training step: the sparse step (:mod:`sae_mutual_choice.sparse_step`) when
+- the choice of training step: the sparse step (:mod:`sae_mutual_choice.fast.sparse_step`) when
   ``sparse_training`` is on, else SAELens's dense step (the reference);
 - each latent's running firing rate (a persistent buffer, so checkpoints keep it), and the
   architecture's other running statistics, updated from the fired pairs of either step;
@@ -11,7 +11,7 @@
   ``get_coefficients()``, and its metrics (under-used latents, fitted Zipf exponent);
 - removal of these training-only buffers from the exported inference state dict;
 - with ``data_parallel``, training steps on the joined batch of all ranks (``step_ranks``; the
-  collectives are in :mod:`sae_mutual_choice.collectives`).
+  collectives are in :mod:`sae_mutual_choice.fast.collectives`).
 """
 
 from typing import Any
@@ -19,13 +19,14 @@ from typing import Any
 import torch
 from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepOutput
 
-from sae_mutual_choice.aux_zipf import aux_zipf_loss, underuse_weights
-from sae_mutual_choice.collectives import check_same_over_ranks, sum_over_ranks, world_size
-from sae_mutual_choice.config import sparse_step_is_faster
-from sae_mutual_choice.host_reads import host_reads_are_free
-from sae_mutual_choice.running import debiased, ema_update_
-from sae_mutual_choice.selection import Entries, firing_statistics
-from sae_mutual_choice.sparse_step import SparseStep
+from sae_mutual_choice.fast.aux_selection import aux_selection
+from sae_mutual_choice.fast.collectives import check_same_over_ranks, sum_over_ranks, world_size
+from sae_mutual_choice.fast.config import sparse_step_is_faster
+from sae_mutual_choice.fast.host_reads import host_reads_are_free
+from sae_mutual_choice.fast.selection import Entries, firing_statistics
+from sae_mutual_choice.fast.sparse_step import SparseStep
+from sae_mutual_choice.upstream.aux_zipf import aux_zipf_loss, underuse_weights
+from sae_mutual_choice.upstream.running import debiased, ema_update_
 
 AUX_COEFFICIENT = "aux_loss"
 
@@ -212,7 +213,7 @@ class AllocationSAEMixin:
         n_tokens: int,
     ) -> None:
         """Update the running statistics from a step's firing: each latent's number of fired pairs
-        and its smallest fired activation (``[F]`` each, :func:`~sae_mutual_choice.selection.firing_statistics`).
+        and its smallest fired activation (``[F]`` each, :func:`~sae_mutual_choice.fast.selection.firing_statistics`).
 
         ``n_tokens``: this rank's tokens; in a joined step, the statistics are the joined batch's.
         """
@@ -269,6 +270,7 @@ class AllocationSAEMixin:
             W_dec=self.W_dec,
             rescale_acts_by_decoder_norm=self.cfg.rescale_acts_by_decoder_norm,
             coefficient=coefficient,
+            select=aux_selection,
         )
         return {"auxiliary_reconstruction_loss": loss}
 
