@@ -52,7 +52,7 @@ def test_nothing_underused_gives_zero_loss():
 def test_reduces_exactly_to_saelens_auxk_under_the_dead_mask(rescale, fixed_size):
     # The CPU search equals AuxK bit for bit; the fixed-size (sync-free) one to float rounding of its scale.
     select = upstream_aux_selection if fixed_size else aux_selection
-    tolerance = {"rtol": 1e-6, "atol": 1e-7} if fixed_size else {"rtol": 0, "atol": 0}
+    rtol, atol = (1e-6, 1e-7) if fixed_size else (0.0, 0.0)
     sae = _sae(rescale_acts_by_decoder_norm=rescale, aux_loss_coefficient=0.7)
     x = _batch(1)
     feature_acts, hidden_pre = sae.encode_with_hidden_pre(x)
@@ -63,11 +63,11 @@ def test_reduces_exactly_to_saelens_auxk_under_the_dead_mask(rescale, fixed_size
         ours = aux_zipf_loss(x, sae_out, hidden_pre, dead.float(), sae.W_dec, rescale, 0.7, select)
         theirs = sae.calculate_topk_aux_loss(x, sae_out, hidden_pre, dead)
         assert float(theirs.detach()) > 0
-        torch.testing.assert_close(ours, theirs, **tolerance)
+        torch.testing.assert_close(ours, theirs, rtol=rtol, atol=atol)
         grads_ours = torch.autograd.grad(ours, [sae.W_enc, sae.W_dec, sae.b_enc], retain_graph=True)
         grads_theirs = torch.autograd.grad(theirs, [sae.W_enc, sae.W_dec, sae.b_enc], retain_graph=True)
         for a, b in zip(grads_ours, grads_theirs, strict=True):
-            torch.testing.assert_close(a, b, **tolerance)
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 
 def test_residual_is_detached():
