@@ -47,6 +47,12 @@ def random_params(model: torch.nn.Module) -> None:
             buffer.data = torch.randint_like(buffer, 0, 10)
 
 
+def random_sae(architecture: str, **kwargs: Any) -> TrainingSAE:
+    sae = TrainingSAE.from_dict(build_cfg(architecture, **kwargs).to_dict())
+    random_params(sae)
+    return sae
+
+
 def step_input(x: torch.Tensor) -> TrainStepInput:
     return TrainStepInput(
         sae_in=x,
@@ -79,9 +85,8 @@ def test_inference_config_to_and_from_dict_is_jumprelu(architecture: str):
 def test_fold_activation_norm_scaling_factor_in_train_mode(
     architecture: str, rescale_acts_by_decoder_norm: bool
 ):
-    cfg = build_cfg(architecture, rescale_acts_by_decoder_norm=rescale_acts_by_decoder_norm)
-    sae = TrainingSAE.from_dict(cfg.to_dict())
-    random_params(sae)
+    sae = random_sae(architecture, rescale_acts_by_decoder_norm=rescale_acts_by_decoder_norm)
+    cfg = sae.cfg
     inputs = torch.randn(100, cfg.d_in)
 
     original_outputs = sae(inputs)
@@ -99,9 +104,8 @@ def test_fold_activation_norm_scaling_factor_in_train_mode(
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 @torch.no_grad()
 def test_fold_W_dec_norm_keeps_the_features_and_outputs(architecture: str):
-    cfg = build_cfg(architecture)
-    sae = TrainingSAE.from_dict(cfg.to_dict())
-    random_params(sae)
+    sae = random_sae(architecture)
+    cfg = sae.cfg
     folded = deepcopy(sae)
     folded.fold_W_dec_norm()
     inputs = torch.randn(10, 4, cfg.d_in)
@@ -127,9 +131,8 @@ def test_fold_W_dec_norm_is_refused_without_decoder_norm_rescaling(architecture:
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 @torch.no_grad()
 def test_zero_norm_decoder_rows_give_no_nan(architecture: str):
-    cfg = build_cfg(architecture)
-    sae = TrainingSAE.from_dict(cfg.to_dict())
-    random_params(sae)
+    sae = random_sae(architecture)
+    cfg = sae.cfg
     sae.W_dec.data[:5] = 0.0
 
     sae.fold_W_dec_norm()
@@ -141,12 +144,10 @@ def test_zero_norm_decoder_rows_give_no_nan(architecture: str):
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_save_and_load_from_checkpoint(architecture: str, tmp_path: Path):
-    cfg = build_cfg(architecture)
-    sae = TrainingSAE.from_dict(cfg.to_dict())
-    random_params(sae)
+    sae = random_sae(architecture)
 
     sae.save_model(tmp_path)
-    loaded = TrainingSAE.from_dict(cfg.to_dict())
+    loaded = TrainingSAE.from_dict(build_cfg(architecture).to_dict())
     loaded.load_weights_from_checkpoint(tmp_path)
 
     saved = sae.state_dict()
