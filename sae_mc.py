@@ -5,6 +5,7 @@
     sae-mc eval CONFIG.yaml PATH...                    evaluate saved SAEs on CONFIG's model, hook and corpus
     sae-mc calibrate CONFIG.yaml CHECKPOINT OUT        exact thresholds on held-out text, written as a new SAE
     sae-mc demo [--quick]                              compare the packaged demo config: the README's main job
+    sae-mc upstream-patch FILE [--against DIR]         write the SAELens pull request as a patch
 
 This module only parses the command line; torch, SAELens and the package load after parsing, so
 ``sae-mc --help`` answers at once. The commands live in :mod:`sae_mutual_choice.app.cli`.
@@ -31,6 +32,13 @@ def parser() -> argparse.ArgumentParser:
         "calibrate": "calibrate a Mutual/Feature Choice training checkpoint on held-out text",
         "demo": "the README's main job: compare the packaged demo config",
     }
+    patch_help = "write the SAELens pull request (Mutual and Feature Choice) as a patch for git apply"
+    patch = commands.add_parser("upstream-patch", help=patch_help, description=patch_help)
+    patch.add_argument("file", help="where to write the patch")
+    patch.add_argument(
+        "--against",
+        help="root of the unpacked SAELens wheel it applies to (default: the installed SAELens)",
+    )
     for name, text in helps.items():
         command = commands.add_parser(name, help=text, description=text)
         if name != "demo":

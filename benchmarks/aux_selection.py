@@ -19,7 +19,7 @@ from functools import partial
 import torch
 
 from sae_mutual_choice.fast.aux_selection import COLUMNS_SEARCH_SHARE, search_columns, search_unmasked
-from sae_mutual_choice.upstream.aux_zipf import search_masked
+from sae_mutual_choice.upstream.adaptive_allocation import search_masked
 
 # (B, F, d_in // 2): the demo's, and step_time.py's two CPU shapes.
 SHAPES = [(2048, 2304, 288), (4096, 4608, 288), (4096, 16384, 384)]

@@ -31,7 +31,7 @@ import torch.multiprocessing as mp
 
 from sae_mutual_choice import ARCHITECTURES
 from sae_mutual_choice.fast import collectives
-from sae_mutual_choice.upstream.allocation import batch_budget
+from sae_mutual_choice.upstream.adaptive_allocation import batch_budget
 
 RESULTS_JSON = Path(__file__).parent.parent / "docs" / "results" / "distributed.json"
 D_IN = 64

@@ -30,7 +30,7 @@ from sae_mutual_choice import (
     MutualChoiceTrainingSAEConfig,
     calibrate_thresholds,
 )
-from sae_mutual_choice.upstream.calibration import latent_scores
+from sae_mutual_choice.upstream.mutual_choice_sae import latent_scores
 
 
 def exported_l0(path: Path, held_out: torch.Tensor) -> tuple[float, torch.Tensor]:

@@ -44,7 +44,11 @@ from sae_mutual_choice.app.evaluate import (
     with_thresholds,
 )
 from sae_mutual_choice.app.yaml_config import read_yaml
-from sae_mutual_choice.upstream.calibration import latent_scores, norm_corrected_counts, thresholds_for_counts
+from sae_mutual_choice.upstream.mutual_choice_sae import (
+    latent_scores,
+    norm_corrected_counts,
+    thresholds_for_counts,
+)
 
 CHUNK_TOKENS = 16_384
 BATCH_TOKENS = 2048

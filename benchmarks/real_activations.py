@@ -27,8 +27,10 @@ import torch
 from bench_common import load_settings, parse_arguments, write_section
 
 from sae_mutual_choice.app.compare import CompareSpec, run_compare
-from sae_mutual_choice.fast.config import AllocationFields
-from sae_mutual_choice.upstream.aux_zipf import underuse_weights
+from sae_mutual_choice.upstream.adaptive_allocation import (
+    AdaptiveAllocationTrainingSAEConfig,
+    underuse_weights,
+)
 
 ROOT = Path(__file__).parent.parent
 IMAGES = ROOT / "docs" / "images"
@@ -66,7 +68,7 @@ def sae_grid(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def underused(density_by_rank: list[float]) -> int:
     """Latents under-used relative to a Zipf fit of the held-out densities (aux_zipf's definition and defaults)."""
-    defaults = AllocationFields()
+    defaults = AdaptiveAllocationTrainingSAEConfig(d_in=1, d_sae=1, k=1)
     weights, _ = underuse_weights(
         torch.tensor(density_by_rank), defaults.zipf_fit_fraction, defaults.underuse_ratio
     )

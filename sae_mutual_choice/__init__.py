@@ -10,15 +10,14 @@ from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY, register_sae_training
 
 from sae_mutual_choice.fast.feature_choice_sae import FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig
 from sae_mutual_choice.fast.mutual_choice_sae import MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig
-from sae_mutual_choice.fast.thresholds import calibrate_thresholds
-from sae_mutual_choice.fast.token_choice_sae import TokenChoiceTrainingSAE, TokenChoiceTrainingSAEConfig
-from sae_mutual_choice.upstream.allocation import (
-    batch_budget,
-    feature_choice,
-    mutual_choice,
+from sae_mutual_choice.fast.token_choice_sae import (
+    TokenChoiceTrainingSAE,
+    TokenChoiceTrainingSAEConfig,
     token_choice,
 )
-from sae_mutual_choice.upstream.aux_zipf import aux_zipf_loss, underuse_weights
+from sae_mutual_choice.upstream.adaptive_allocation import aux_zipf_loss, batch_budget, underuse_weights
+from sae_mutual_choice.upstream.feature_choice_sae import feature_choice
+from sae_mutual_choice.upstream.mutual_choice_sae import calibrate_thresholds, mutual_choice
 
 ARCHITECTURES = {
     "token_choice": (TokenChoiceTrainingSAE, TokenChoiceTrainingSAEConfig),

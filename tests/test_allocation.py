@@ -4,14 +4,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sae_lens.saes.batchtopk_sae import BatchTopK
 
-from sae_mutual_choice.upstream.allocation import (
-    batch_budget,
-    feature_choice,
-    mutual_choice,
-    over_tokens,
-    token_choice,
-    top_m_mask,
-)
+from sae_mutual_choice.fast.token_choice_sae import token_choice
+from sae_mutual_choice.upstream.adaptive_allocation import batch_budget, over_tokens, top_m_mask
+from sae_mutual_choice.upstream.feature_choice_sae import feature_choice
+from sae_mutual_choice.upstream.mutual_choice_sae import mutual_choice
 
 SCORES = torch.tensor(
     [

@@ -10,8 +10,8 @@ import sae_mutual_choice
 from sae_mutual_choice import MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig, aux_zipf_loss
 from sae_mutual_choice.fast.aux_selection import COLUMNS_SEARCH_SHARE, aux_selection
 from sae_mutual_choice.fast.host_reads import sync_free
-from sae_mutual_choice.upstream.aux_zipf import aux_selection as upstream_aux_selection
-from sae_mutual_choice.upstream.aux_zipf import underuse_weights
+from sae_mutual_choice.upstream.adaptive_allocation import aux_selection as upstream_aux_selection
+from sae_mutual_choice.upstream.adaptive_allocation import underuse_weights
 
 D_IN, D_SAE = 10, 40
 

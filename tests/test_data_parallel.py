@@ -45,7 +45,8 @@ from sae_mutual_choice.fast.selection import (
     mutual_choice_entries_over_ranks,
 )
 from sae_mutual_choice.fast.thresholds import calibrate_over_ranks
-from sae_mutual_choice.upstream.allocation import feature_choice, mutual_choice
+from sae_mutual_choice.upstream.feature_choice_sae import feature_choice
+from sae_mutual_choice.upstream.mutual_choice_sae import mutual_choice
 
 D_IN, D_SAE, TOKENS_PER_RANK, STEPS = 8, 48, 10, 5
 SAES = {

@@ -21,7 +21,7 @@ from sae_mutual_choice import (
     TokenChoiceTrainingSAE,
     TokenChoiceTrainingSAEConfig,
 )
-from sae_mutual_choice.upstream.allocation import batch_budget
+from sae_mutual_choice.upstream.adaptive_allocation import batch_budget
 
 D_IN, D_SAE = 12, 48
 # Identical operations in the same order: any difference is a bug, so the tolerance is float32 noise.

@@ -8,10 +8,16 @@ import pytest
 import torch
 
 import sae_mutual_choice
-from sae_mutual_choice.upstream import allocation
+from sae_mutual_choice.fast import token_choice_sae
+from sae_mutual_choice.upstream import adaptive_allocation, feature_choice_sae, mutual_choice_sae
 
 PACKAGE = Path(sae_mutual_choice.__file__).parent
-RULES = {"token_choice", "mutual_choice", "feature_choice", "batch_budget"}
+RULES = {
+    "token_choice": token_choice_sae,
+    "mutual_choice": mutual_choice_sae,
+    "feature_choice": feature_choice_sae,
+    "batch_budget": adaptive_allocation,
+}
 # Each layer imports only the layers below it (upstream: torch, SAELens and itself).
 LAYERS = {"upstream": set(), "fast": {"upstream"}, "app": {"upstream", "fast"}}
 
@@ -29,7 +35,7 @@ def test_every_public_name_is_what_it_says_after_every_submodule_is_imported():
         value = getattr(sae_mutual_choice, name)
         assert not inspect.ismodule(value), name
         if name in RULES:
-            assert value is getattr(allocation, name), name
+            assert value is getattr(RULES[name], name), name
         elif name[0].isupper() and name != "ARCHITECTURES":
             assert inspect.isclass(value), name
         elif name != "ARCHITECTURES":

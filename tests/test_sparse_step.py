@@ -23,7 +23,9 @@ from sae_mutual_choice.fast.selection import (
     mutual_choice_entries,
     token_choice_entries,
 )
-from sae_mutual_choice.upstream.allocation import feature_choice, mutual_choice, token_choice
+from sae_mutual_choice.fast.token_choice_sae import token_choice
+from sae_mutual_choice.upstream.feature_choice_sae import feature_choice
+from sae_mutual_choice.upstream.mutual_choice_sae import mutual_choice
 
 ARCHITECTURES = ["token_choice", "mutual_choice", "feature_choice"]
 

@@ -16,8 +16,7 @@ from sae_mutual_choice import (
     calibrate_thresholds,
 )
 from sae_mutual_choice.app.checkpoints import load_training_checkpoint
-from sae_mutual_choice.fast.thresholds import sample_thresholds
-from sae_mutual_choice.upstream.calibration import latent_scores
+from sae_mutual_choice.upstream.mutual_choice_sae import latent_scores, sample_thresholds
 
 D_IN, D_SAE = 16, 64
 

@@ -5,12 +5,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sae_mutual_choice.upstream.zipf import (
+from sae_mutual_choice.app.evaluate import fit_zipf
+from sae_mutual_choice.upstream.adaptive_allocation import ranks_of, round_capacities
+from sae_mutual_choice.upstream.feature_choice_sae import (
     capacities_from_shares,
     demand_capacities,
-    fit_zipf,
-    ranks_of,
-    round_capacities,
     zipf_capacities,
     zipf_shares,
 )

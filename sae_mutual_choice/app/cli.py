@@ -22,6 +22,7 @@ from sae_mutual_choice.app import preflight
 from sae_mutual_choice.app.checkpoints import check_training_checkpoint
 from sae_mutual_choice.app.embedded import model_dims
 from sae_mutual_choice.app.progress import quiet_known_noise, training_progress
+from sae_mutual_choice.app.upstream_patch import upstream_patch
 from sae_mutual_choice.app.yaml_config import read_yaml, runner_config_from_dict
 from sae_mutual_choice.fast import data_parallel
 from sae_mutual_choice.fast.collectives import end_process_group, launched_ranks, rank, start_process_group
@@ -37,6 +38,10 @@ def demo_config() -> Path:
 def run(args: argparse.Namespace) -> int:
     """Run one parsed command; the exit status (1 when some evaluation failed)."""
     quiet_known_noise()
+    if args.command == "upstream-patch":
+        against = Path(args.against) if args.against else None
+        Path(args.file).write_text(upstream_patch(against))
+        return 0
     if args.command == "train":
         train(_checked(args.config, lambda: train_config(args.config, args.set, args.wandb)))
         return 0

@@ -43,8 +43,8 @@ from sae_mutual_choice.app.report import markdown_table, write_results
 from sae_mutual_choice.app.yaml_config import check_fields, sae_config_from_dict
 from sae_mutual_choice.fast import data_parallel
 from sae_mutual_choice.fast.collectives import rank, world_size
-from sae_mutual_choice.fast.config import check_integer
-from sae_mutual_choice.fast.thresholds import calibrate_thresholds
+from sae_mutual_choice.upstream.adaptive_allocation import check_integer
+from sae_mutual_choice.upstream.mutual_choice_sae import calibrate_thresholds
 
 SECTIONS = {"runner", "saes", "evaluate_only", "evaluation", "quick"}
 AT_K_METRICS = ("l0_mean", "explained_variance", "normalized_mse", "ce_loss_score")

@@ -24,12 +24,19 @@ from sae_lens.training.activations_store import ActivationsStore
 from sae_lens.util import get_special_token_ids
 from tqdm.auto import tqdm
 
-from sae_mutual_choice.upstream.allocation import batch_budget
-from sae_mutual_choice.upstream.calibration import latent_blocks, latent_scores, thresholds_for_counts
-from sae_mutual_choice.upstream.zipf import demand_capacities, fit_zipf, round_capacities
+from sae_mutual_choice.upstream.adaptive_allocation import batch_budget, fitted_zipf, round_capacities
+from sae_mutual_choice.upstream.feature_choice_sae import demand_capacities
+from sae_mutual_choice.upstream.mutual_choice_sae import latent_blocks, latent_scores, thresholds_for_counts
 
 DENSE_DENSITY = 0.1
 ZIPF_FIT_FRACTION = 0.5
+
+
+def fit_zipf(statistic: torch.Tensor, fit_fraction: float) -> tuple[float, float]:
+    """:func:`~sae_mutual_choice.upstream.adaptive_allocation.fitted_zipf` read on the host:
+    ``(exponent, log_scale)``; ``(0.0, -inf)`` when fewer than two positive points are available."""
+    exponent, log_scale = fitted_zipf(statistic, fit_fraction)
+    return float(exponent), float(log_scale)
 
 
 def special_token_ids(model: Any) -> list[int]:

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sae_mutual_choice.fast.config import check_integer, check_range
+from sae_mutual_choice.upstream.adaptive_allocation import check_integer, check_range
 
 # Runner fields (LanguageModelSAERunnerConfig and MultiSAETrainingRunnerConfig share them):
 # name -> (low, high, integer, low_open, high_open). None values are left to SAELens's defaults.

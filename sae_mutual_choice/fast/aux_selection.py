@@ -8,8 +8,8 @@ column unmasked when all latents are candidates; none at all when there is no ca
 import torch
 
 from sae_mutual_choice.fast.host_reads import host_reads_are_free
-from sae_mutual_choice.upstream.aux_zipf import AuxSelection, search_masked
-from sae_mutual_choice.upstream.aux_zipf import aux_selection as fixed_size_aux_selection
+from sae_mutual_choice.upstream.adaptive_allocation import AuxSelection, search_masked
+from sae_mutual_choice.upstream.adaptive_allocation import aux_selection as fixed_size_aux_selection
 
 
 def search_columns(hidden_pre: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:

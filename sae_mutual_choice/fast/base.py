@@ -1,40 +1,44 @@
-"""What the three training SAEs share on top of their SAELens parents.
+"""What the fast and distributed layer adds to the SAELens-shaped training SAEs.
 
-:class:`AllocationSAEMixin` goes first in the bases of each training SAE. It adds
+:class:`FastStepMixin` goes first in the bases of each training SAE here, before its
+:mod:`sae_mutual_choice.upstream` class (or the shared base, for Token Choice). It adds
 
 - input validation (last dimension, empty batches, non-finite values) with clear errors;
-- the choice of training step: the sparse step (:mod:`sae_mutual_choice.fast.sparse_step`) when
-  ``sparse_training`` is on, else SAELens's dense step (the reference);
-- each latent's running firing rate (a persistent buffer, so checkpoints keep it), and the
-  architecture's other running statistics, updated from the fired pairs of either step;
-- the auxiliary loss (``aux_zipf``, ``aux_k`` or none) with its coefficient scheduled through
-  ``get_coefficients()``, and its metrics (under-used latents, fitted Zipf exponent);
-- removal of these training-only buffers from the exported inference state dict;
-- with ``data_parallel``, training steps on the joined batch of all ranks (``step_ranks``; the
-  collectives are in :mod:`sae_mutual_choice.fast.collectives`).
+- the choice of training step: the sparse step (:mod:`sae_mutual_choice.fast.sparse_step`)
+  when ``sparse_training`` is on, else SAELens's dense step (the reference);
+- the aux candidate search with host reads where they are free (:mod:`.aux_selection`);
+- with ``data_parallel``, training steps on the joined batch of all ranks (``step_ranks``):
+  the joined selection, and the running statistics and calibration sample reduced over ranks
+  (the collectives are in :mod:`sae_mutual_choice.fast.collectives`).
+
+The upstream classes know nothing of this: each hook here overrides one of their methods.
 """
 
 from typing import Any
 
 import torch
-from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepOutput
+from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 
 from sae_mutual_choice.fast.aux_selection import aux_selection
-from sae_mutual_choice.fast.collectives import check_same_over_ranks, sum_over_ranks, world_size
+from sae_mutual_choice.fast.collectives import (
+    check_same_over_ranks,
+    min_over_ranks,
+    rank,
+    sum_over_ranks,
+    world_size,
+)
 from sae_mutual_choice.fast.config import sparse_step_is_faster
 from sae_mutual_choice.fast.host_reads import host_reads_are_free
 from sae_mutual_choice.fast.selection import Entries, firing_statistics
 from sae_mutual_choice.fast.sparse_step import SparseStep
-from sae_mutual_choice.upstream.aux_zipf import aux_zipf_loss, underuse_weights
-from sae_mutual_choice.upstream.running import debiased, ema_update_
-
-AUX_COEFFICIENT = "aux_loss"
-
+from sae_mutual_choice.upstream.adaptive_allocation import AuxSelection
 
 NONFINITE_MESSAGE = "activations contain NaN or infinite values"
 # Without free host reads, a training step records non-finite inputs on the device; the record is
 # read at SAELens's logging steps, every this many steps, and before the SAE is saved.
 NONFINITE_CHECK_INTERVAL = 100
+# Buffers of 0.4.0-0.4.2 checkpoints (they kept the last inputs themselves); dropped on loading.
+LEGACY_CHECKPOINT_BUFFERS = ("recent_inputs", "recent_inputs_filled", "recent_inputs_next")
 
 
 def validate_activations(x: torch.Tensor, d_in: int, finite: bool = True) -> None:
@@ -52,42 +56,22 @@ def with_bias(products: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return products.add_(bias) if products.dtype == bias.dtype else products + bias
 
 
-class AllocationSAEMixin:
-    """Shared training behaviour; see the module docstring. Call :meth:`_init_allocation_state` last in ``__init__``."""
+class FastStepMixin:
+    """The fast and distributed training step; see the module docstring."""
 
     cfg: Any
     W_enc: torch.nn.Parameter
     b_enc: torch.nn.Parameter
     W_dec: torch.nn.Parameter
-    training_only_buffers: list[str]
-    latent_usage: torch.Tensor
-    latent_usage_weight: torch.Tensor
+    in_training_step: bool
 
-    def _init_allocation_state(self) -> None:
-        self.training_only_buffers = []
-        d_sae = self.cfg.d_sae
-        self.register_training_buffer("latent_usage", torch.zeros(d_sae))
-        self.register_training_buffer("latent_usage_weight", torch.zeros(()))
-        # Logged through TrainStepOutput.metrics; tensors are read by SAELens at logging steps only.
-        self.step_metrics: dict[str, float | torch.Tensor] = {}
+    def __init__(self, cfg: Any, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)  # type: ignore[call-arg]
         # Ranks the current training step's batch is split over (1 outside a data-parallel step).
         self.step_ranks = 1
-        # Inside training_forward_pass: inputs checked by check_training_inputs (not by encode), and the
-        # running statistics may change (nowhere else).
-        self.in_training_step = False
         # The first training step (since this SAE was built or loaded) with non-finite inputs, on the
         # inputs' device; -1 or None: none. Not a buffer: SAELens may build SAEs on the meta device.
         self.first_nonfinite_step: torch.Tensor | None = None
-
-    def register_training_buffer(self, name: str, value: torch.Tensor) -> None:
-        """A persistent buffer that checkpoints keep and the inference export drops."""
-        self.register_buffer(name, value.to(self.W_dec.device))  # type: ignore[attr-defined]
-        self.training_only_buffers.append(name)
-
-    @property
-    def statistics_rate(self) -> float:
-        """EMA rate of the running statistics: ``1 / usage_window``."""
-        return 1.0 / self.cfg.usage_window
 
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         validate_activations(self.heads_flattened(x), self.cfg.d_in, finite=not self.in_training_step)
@@ -126,16 +110,6 @@ class AllocationSAEMixin:
                 f"{NONFINITE_MESSAGE} (first at training step {step}); the weights trained since are not usable"
             )
 
-    def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
-        if self.cfg.aux_loss == "none":
-            return {}
-        return {
-            AUX_COEFFICIENT: TrainCoefficientConfig(
-                value=self.cfg.aux_loss_coefficient,
-                warm_up_steps=self.cfg.aux_loss_warm_up_steps,
-            )
-        }
-
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         """One training step; with ``data_parallel`` and several ranks, a step on the joined batch.
 
@@ -145,29 +119,50 @@ class AllocationSAEMixin:
         that are identical on every rank.
         """
         self.step_ranks = world_size() if self.cfg.data_parallel else 1
-        self.in_training_step = True
         try:
             self.check_training_inputs(step_input)
             if self.step_ranks > 1:
                 tokens = step_input.sae_in.shape[:-1].numel()
                 check_same_over_ranks("the batch's token count", tokens, step_input.sae_in.device)
-            if self.sparse_step_applies(step_input):
-                output = SparseStep(self, step_input).run()
-            else:
-                output = super().training_forward_pass(step_input)  # type: ignore[misc]
-            with torch.no_grad():
-                counts, smallest = firing_statistics(output.feature_acts)
-                n_tokens = output.sae_in.reshape(-1, self.cfg.d_in).shape[0]
-                self.update_running_statistics(counts, smallest, n_tokens)
-                self.record_training_inputs(step_input.sae_in)
+            return super().training_forward_pass(step_input)  # type: ignore[misc]
         finally:
             self.step_ranks = 1
-            self.in_training_step = False
-        output.metrics.update(self.step_metrics)
-        return output
 
-    def record_training_inputs(self, sae_in: torch.Tensor) -> None:
-        """Called with each training step's inputs after the step (the export keeps a sample)."""
+    def training_step(self, step_input: TrainStepInput) -> TrainStepOutput:
+        if self.sparse_step_applies(step_input):
+            return SparseStep(self, step_input).run()
+        return super().training_step(step_input)  # type: ignore[misc]
+
+    def firing_statistics(self, feature_acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return firing_statistics(feature_acts)  # dense, or the sparse step's sparse COO
+
+    @torch.no_grad()
+    def update_running_statistics(self, counts: torch.Tensor, smallest: torch.Tensor, n_tokens: int) -> None:
+        # In a joined step, the statistics are the joined batch's.
+        if self.step_ranks > 1:
+            counts, smallest = sum_over_ranks(counts), min_over_ranks(smallest)
+            n_tokens *= self.step_ranks
+        super().update_running_statistics(counts, smallest, n_tokens)  # type: ignore[misc]
+
+    def activate(self, scores: torch.Tensor) -> torch.Tensor:
+        """The activation on scores ``[..., F]``; in a data-parallel step, this rank's slice of the joined selection."""
+        if self.step_ranks > 1:
+            return self.joined_activations(scores)
+        return super().activate(scores)  # type: ignore[misc]
+
+    def tokens_in_batch(self, scores: torch.Tensor) -> int:
+        return scores.shape[0] * self.step_ranks
+
+    def sample_keys(self, n_rows: int) -> torch.Tensor:
+        # In a joined step every rank draws the joined batch's keys and keeps its slice's, so the
+        # ranks' samples together hold the joined run's (fast.thresholds.calibrate_over_ranks).
+        keys = super().sample_keys(n_rows * self.step_ranks)  # type: ignore[misc]
+        return keys.view(self.step_ranks, -1)[rank()] if self.step_ranks > 1 else keys
+
+    def aux_selection(
+        self, hidden_pre: torch.Tensor, underuse: torch.Tensor, d_in: int
+    ) -> AuxSelection | None:
+        return aux_selection(hidden_pre, underuse, d_in)
 
     def joined_activations(self, scores: torch.Tensor) -> torch.Tensor:
         """Dense activations ``[..., F]`` of this rank's slice in a joined step, from :meth:`select_entries`."""
@@ -205,80 +200,11 @@ class AllocationSAEMixin:
         """The firing pairs of a batch's scores ``[B, F]`` (the sparse step's activation function)."""
         raise NotImplementedError
 
-    @torch.no_grad()
-    def update_running_statistics(
-        self,
-        counts: torch.Tensor,
-        smallest: torch.Tensor,  # noqa: ARG002 (the subclasses' statistics use it)
-        n_tokens: int,
-    ) -> None:
-        """Update the running statistics from a step's firing: each latent's number of fired pairs
-        and its smallest fired activation (``[F]`` each, :func:`~sae_mutual_choice.fast.selection.firing_statistics`).
-
-        ``n_tokens``: this rank's tokens; in a joined step, the statistics are the joined batch's.
-        """
-        if self.step_ranks > 1:
-            counts = sum_over_ranks(counts)
-        fired = counts.float() / (n_tokens * self.step_ranks)
-        ema_update_(self.latent_usage, self.latent_usage_weight, fired, self.statistics_rate)
-
-    def underuse(self, dead_neuron_mask: torch.Tensor | None) -> torch.Tensor:
-        """Each latent's aux weight in ``[0, 1]`` for the configured ``aux_loss``. ``-> [F]``."""
-        dead = (
-            torch.zeros(self.cfg.d_sae, device=self.W_dec.device)
-            if dead_neuron_mask is None
-            else dead_neuron_mask.to(self.W_dec.device, torch.float32)
-        )
-        if self.cfg.aux_loss != "aux_zipf":
-            return dead
-        weights, exponent = underuse_weights(
-            debiased(self.latent_usage, self.latent_usage_weight),
-            self.cfg.zipf_fit_fraction,
-            self.cfg.underuse_ratio,
-        )
-        self.step_metrics["usage_zipf_exponent"] = exponent
-        # Under-use is judged with the evidence at hand: the estimate's weight (1 - (1 - 1/usage_window)
-        # ** steps) scales the weights, so a latent that missed the first batches is not taken for dead
-        # (and before any step, with weight 0, only the dead mask counts).
-        return torch.maximum(weights.float() * self.latent_usage_weight.float(), dead)
-
-    def aux_underuse(self, step_input: TrainStepInput) -> tuple[torch.Tensor, float] | None:
-        """The aux loss's per-latent weights ``[F]`` and coefficient now; None when ``aux_loss`` is none."""
-        if self.cfg.aux_loss == "none":
-            return None
-        underuse = self.underuse(step_input.dead_neuron_mask)
-        self.step_metrics["underused_latents"] = (underuse > 0).sum()
-        coefficient = step_input.coefficients.get(AUX_COEFFICIENT)
-        return underuse, self.cfg.aux_loss_coefficient if coefficient is None else coefficient
-
-    def calculate_aux_loss(
-        self,
-        step_input: TrainStepInput,
-        feature_acts: torch.Tensor,  # noqa: ARG002
-        hidden_pre: torch.Tensor,
-        sae_out: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        aux = self.aux_underuse(step_input)
-        if aux is None:
-            return {}
-        underuse, coefficient = aux
-        loss = aux_zipf_loss(
-            sae_in=step_input.sae_in,
-            sae_out=sae_out,
-            hidden_pre=hidden_pre,
-            underuse=underuse,
-            W_dec=self.W_dec,
-            rescale_acts_by_decoder_norm=self.cfg.rescale_acts_by_decoder_norm,
-            coefficient=coefficient,
-            select=aux_selection,
-        )
-        return {"auxiliary_reconstruction_loss": loss}
-
     def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
         self.raise_on_nonfinite_inputs()  # no checkpoint or export of weights trained on NaN/inf
         super().process_state_dict_for_saving(state_dict)  # type: ignore[misc]
 
-    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
-        super().process_state_dict_for_saving_inference(state_dict)  # type: ignore[misc]
-        for name in self.training_only_buffers:
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_loading(state_dict)  # type: ignore[misc]
+        for name in LEGACY_CHECKPOINT_BUFFERS:
             state_dict.pop(name, None)

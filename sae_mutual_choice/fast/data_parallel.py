@@ -49,7 +49,8 @@ from sae_mutual_choice.fast.collectives import (
     sum_over_ranks,
     world_size,
 )
-from sae_mutual_choice.fast.thresholds import JumpReLUExportMixin, calibrate_over_ranks
+from sae_mutual_choice.fast.thresholds import calibrate_over_ranks
+from sae_mutual_choice.upstream.mutual_choice_sae import MutualChoiceTrainingSAE
 
 # torch >= 2.13 names the option forward_sync_buffers and deprecates broadcast_buffers.
 NO_FORWARD_BUFFER_SYNC: dict[str, Any] = (
@@ -239,7 +240,7 @@ def write_checkpoint(
     tokens trained on, which a rank's trainer counts for its slice only: the name counts all ranks'.
     """
     for sae in saes:
-        if isinstance(sae, JumpReLUExportMixin):
+        if isinstance(sae, MutualChoiceTrainingSAE):
             calibrate_over_ranks(sae)
     name = re.sub(r"\d+$", lambda digits: str(int(digits.group()) * world_size()), name)
     if base is None:  # a wandb-only checkpoint: rank 0 uploads it
@@ -300,7 +301,7 @@ class RankRunnerMixin:
     @staticmethod
     def _export_on_rank_0(saes: list[Any], write: Callable[[], None]) -> None:
         for sae in saes:
-            if isinstance(sae, JumpReLUExportMixin):
+            if isinstance(sae, MutualChoiceTrainingSAE):
                 calibrate_over_ranks(sae)
         if rank() == 0:
             write()

@@ -28,7 +28,7 @@ import torch
 
 from sae_mutual_choice.fast.collectives import joined_boundaries, world_size
 from sae_mutual_choice.fast.host_reads import host_reads_are_free
-from sae_mutual_choice.upstream.allocation import top_m_mask
+from sae_mutual_choice.upstream.adaptive_allocation import top_m_mask
 
 # Feature Choice without host reads: the shared shortlist's width, relative to the mean capacity.
 # Wider: a larger topk over every latent; narrower: more latents (up to budget / (width + 1)) ranked in full.

@@ -26,7 +26,7 @@ from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 
 from sae_mutual_choice.fast.aux_selection import aux_selection
 from sae_mutual_choice.fast.selection import Entries
-from sae_mutual_choice.upstream.aux_zipf import aux_reconstruction_loss
+from sae_mutual_choice.upstream.adaptive_allocation import aux_reconstruction_loss
 
 
 def _bag_offsets(groups: torch.Tensor, n_groups: int) -> torch.Tensor:

@@ -1,24 +1,38 @@
-"""Token Choice (TopK): every token takes its k best latents. Exported as SAELens ``topk``."""
+"""Token Choice (TopK): every token takes its k best latents. Exported as SAELens ``topk``.
+
+Not part of the SAELens contribution (SAELens's ``topk`` selects the same pairs): this is the
+shared adaptive-allocation base with the per-token rule, so that Token Choice trains with the same
+steps, running statistics and aux-loss choice as Mutual and Feature Choice, for comparisons.
+"""
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from sae_lens.saes.sae import SAEConfig
-from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
-from torch import nn
+from sae_lens.saes.topk_sae import TopKSAEConfig
 from typing_extensions import override
 
-from sae_mutual_choice.fast.base import AllocationSAEMixin
-from sae_mutual_choice.fast.config import AllocationFields, validate_common
+from sae_mutual_choice.fast.base import FastStepMixin
+from sae_mutual_choice.fast.config import FastFields, validate_fast_fields
 from sae_mutual_choice.fast.selection import Entries, token_choice_entries
-from sae_mutual_choice.upstream.allocation import over_tokens, token_choice
+from sae_mutual_choice.upstream.adaptive_allocation import (
+    AdaptiveAllocationTrainingSAE,
+    AdaptiveAllocationTrainingSAEConfig,
+    fire,
+    over_tokens,
+    top_m_mask,
+)
+
+
+def token_choice(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """TopK: every token keeps its ``k`` best latents (ties to the lower latent index). ``[B, F] -> [B, F]``."""
+    return fire(scores, top_m_mask(scores, k, dim=1))
 
 
 @dataclass
-class TokenChoiceTrainingSAEConfig(AllocationFields, TopKTrainingSAEConfig):
-    """SAELens's TopK config plus our shared fields (see :class:`AllocationFields`)."""
+class TokenChoiceTrainingSAEConfig(FastFields, AdaptiveAllocationTrainingSAEConfig):
+    """SAELens's TopK config plus the shared adaptive-allocation fields and :class:`FastFields`."""
 
     @override
     @classmethod
@@ -26,37 +40,30 @@ class TokenChoiceTrainingSAEConfig(AllocationFields, TopKTrainingSAEConfig):
         return "token_choice"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or isinstance(self.k, bool):
+            raise ValueError(f"k must be an integer in [1, d_sae={self.d_sae}], got {self.k!r}")
         super().__post_init__()
-        validate_common(self, integer_k=True)
+        validate_fast_fields(self)
 
     @override
     def get_inference_config_class(self) -> type[SAEConfig]:
         return TopKSAEConfig
 
 
-class TokenChoice(nn.Module):
-    """Token Choice activation: scores ``[..., F]`` -> activations ``[..., F]``."""
-
-    def __init__(self, k: int):
-        super().__init__()
-        self.k = k
-
-    def forward(self, scores: torch.Tensor) -> torch.Tensor:
-        return over_tokens(partial(token_choice, k=self.k))(scores)
-
-
-class TokenChoiceTrainingSAE(AllocationSAEMixin, TopKTrainingSAE):
+class TokenChoiceTrainingSAE(FastStepMixin, AdaptiveAllocationTrainingSAE):
     """SAELens's TopK training SAE with deterministic ties and the aux-loss options here."""
 
     cfg: TokenChoiceTrainingSAEConfig  # type: ignore[assignment]
 
-    def __init__(self, cfg: TokenChoiceTrainingSAEConfig, use_error_term: bool = False):
-        super().__init__(cfg, use_error_term)
-        self._init_allocation_state()
-
     @override
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        return TokenChoice(self.cfg.k)
+        # A bound method (not a closure), so that deepcopy rebinds it to the copy.
+        return self.activate
+
+    def activate(self, scores: torch.Tensor) -> torch.Tensor:
+        """Token Choice on scores ``[..., F]``."""
+        k = self.cfg.k
+        return over_tokens(lambda flat: token_choice(flat, k))(scores)
 
     @override
     def select_entries(self, hidden_pre: torch.Tensor) -> Entries:

@@ -5,6 +5,8 @@ from typing import Any
 import pytest
 import torch
 from datasets import Dataset
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
 from sae_lens import (
     SAE,
     JumpReLUSAE,
@@ -15,15 +17,8 @@ from sae_lens import (
 )
 from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import SAEConfig, TrainingSAE, TrainingSAEConfig, TrainStepInput
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-from sae_mutual_choice import FeatureChoiceTrainingSAEConfig, MutualChoiceTrainingSAEConfig
 
 ARCHITECTURES = ["mutual_choice", "feature_choice"]
-CONFIG_CLASSES = {
-    "mutual_choice": MutualChoiceTrainingSAEConfig,
-    "feature_choice": FeatureChoiceTrainingSAEConfig,
-}
 
 
 def build_cfg(architecture: str, **kwargs: Any) -> TrainingSAEConfig:
@@ -34,7 +29,7 @@ def build_cfg(architecture: str, **kwargs: Any) -> TrainingSAEConfig:
         "apply_b_dec_to_input": False,
         "threshold_calibration_tokens": 512,
     }
-    return CONFIG_CLASSES[architecture](**{**defaults, **kwargs})
+    return get_sae_training_class(architecture)[1](**{**defaults, **kwargs})
 
 
 def random_params(model: torch.nn.Module) -> None:
@@ -47,7 +42,7 @@ def random_params(model: torch.nn.Module) -> None:
             buffer.data = torch.randint_like(buffer, 0, 10)
 
 
-def random_sae(architecture: str, **kwargs: Any) -> TrainingSAE:
+def random_sae(architecture: str, **kwargs: Any) -> TrainingSAE[Any]:
     sae = TrainingSAE.from_dict(build_cfg(architecture, **kwargs).to_dict())
     random_params(sae)
     return sae
@@ -85,7 +80,9 @@ def test_inference_config_to_and_from_dict_is_jumprelu(architecture: str):
 def test_fold_activation_norm_scaling_factor_in_train_mode(
     architecture: str, rescale_acts_by_decoder_norm: bool
 ):
-    sae = random_sae(architecture, rescale_acts_by_decoder_norm=rescale_acts_by_decoder_norm)
+    sae = random_sae(
+        architecture, rescale_acts_by_decoder_norm=rescale_acts_by_decoder_norm
+    )
     cfg = sae.cfg
     inputs = torch.randn(100, cfg.d_in)
 
@@ -97,7 +94,9 @@ def test_fold_activation_norm_scaling_factor_in_train_mode(
 
     torch.testing.assert_close(folded_outputs, original_outputs, rtol=1e-5, atol=1e-4)
     # Scores carry the decoder norms, which the fold divides by the factor (as for BatchTopK).
-    expected = original_features / 2.0 if rescale_acts_by_decoder_norm else original_features
+    expected = (
+        original_features / 2.0 if rescale_acts_by_decoder_norm else original_features
+    )
     torch.testing.assert_close(folded_features, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -117,12 +116,16 @@ def test_fold_W_dec_norm_keeps_the_features_and_outputs(architecture: str):
     assert torch.equal(features.nonzero(), folded_features.nonzero())
     # Scores carry the decoder norms, as if they had been folded all along (as for BatchTopK).
     torch.testing.assert_close(folded_features, features, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(folded.decode(folded_features), sae.decode(features), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        folded.decode(folded_features), sae.decode(features), rtol=1e-5, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_fold_W_dec_norm_is_refused_without_decoder_norm_rescaling(architecture: str):
-    sae = TrainingSAE.from_dict(build_cfg(architecture, rescale_acts_by_decoder_norm=False).to_dict())
+    sae = TrainingSAE.from_dict(
+        build_cfg(architecture, rescale_acts_by_decoder_norm=False).to_dict()
+    )
 
     with pytest.raises(NotImplementedError):
         sae.fold_W_dec_norm()
@@ -152,7 +155,9 @@ def test_save_and_load_from_checkpoint(architecture: str, tmp_path: Path):
 
     saved = sae.state_dict()
     for name, value in loaded.state_dict().items():
-        if name != "calibrated_thresholds":  # the checkpoint holds the computed thresholds
+        if (
+            name != "calibrated_thresholds"
+        ):  # the checkpoint holds the computed thresholds
             torch.testing.assert_close(value, saved[name], msg=name)
 
 
@@ -183,7 +188,9 @@ def test_running_statistics_change_only_in_training_forward_pass(architecture: s
     for output in outputs[1:]:
         assert torch.equal(output, outputs[0])
     for name, value in sae.state_dict().items():
-        torch.testing.assert_close(value, state[name], rtol=0, atol=0, equal_nan=True, msg=name)
+        torch.testing.assert_close(
+            value, state[name], rtol=0, atol=0, equal_nan=True, msg=name
+        )
     before = state["latent_usage"]
     sae.training_forward_pass(step_input(inputs))
     assert not torch.equal(sae.state_dict()["latent_usage"], before)
@@ -192,7 +199,14 @@ def test_running_statistics_change_only_in_training_forward_pass(architecture: s
 @pytest.fixture(scope="module")
 def tiny_model() -> HookedTransformer:
     cfg = HookedTransformerConfig(
-        n_layers=1, d_model=16, n_ctx=16, d_head=4, n_heads=4, d_vocab=50, act_fn="relu", d_mlp=32
+        n_layers=1,
+        d_model=16,
+        n_ctx=16,
+        d_head=4,
+        n_heads=4,
+        d_vocab=50,
+        act_fn="relu",
+        d_mlp=32,
     )
     return HookedTransformer(cfg)
 
@@ -222,7 +236,9 @@ def test_training_runner_runs_and_saves_a_jumprelu_sae(
         device="cpu",
     )
 
-    trained = LanguageModelSAETrainingRunner(cfg, override_model=tiny_model, override_dataset=dataset).run()
+    trained = LanguageModelSAETrainingRunner(
+        cfg, override_model=tiny_model, override_dataset=dataset
+    ).run()
     exported = SAE.load_from_disk(tmp_path / "out")
 
     assert trained.cfg.architecture() == architecture
