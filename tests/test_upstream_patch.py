@@ -69,6 +69,7 @@ def test_the_patch_applies_to_the_pinned_release_and_registers_both_architecture
     assert "from .feature_choice_sae import (" in (tmp_path / "sae_lens/saes/__init__.py").read_text()
     assert "sae_mutual_choice" not in patch
     assert sorted(path.name for path in (tmp_path / "tests" / "saes").iterdir()) == [
+        "adaptive_allocation_helpers.py",
         "test_adaptive_allocation.py",
         "test_adaptive_allocation_contract.py",
         "test_feature_choice_sae.py",

@@ -24,6 +24,7 @@ PR_MODULES = {
     "feature_choice_sae": "sae_lens/saes/feature_choice_sae.py",
 }
 PR_TESTS = (
+    "tests/saes/adaptive_allocation_helpers.py",
     "tests/saes/test_adaptive_allocation.py",
     "tests/saes/test_mutual_choice_sae.py",
     "tests/saes/test_feature_choice_sae.py",

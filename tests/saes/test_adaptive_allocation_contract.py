@@ -4,6 +4,7 @@ from typing import Any
 
 import pytest
 import torch
+from adaptive_allocation_helpers import step_input
 from datasets import Dataset
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -16,7 +17,7 @@ from sae_lens import (
     LoggingConfig,
 )
 from sae_lens.registry import get_sae_training_class
-from sae_lens.saes.sae import SAEConfig, TrainingSAE, TrainingSAEConfig, TrainStepInput
+from sae_lens.saes.sae import SAEConfig, TrainingSAE, TrainingSAEConfig
 
 ARCHITECTURES = ["mutual_choice", "feature_choice"]
 
@@ -46,16 +47,6 @@ def random_sae(architecture: str, **kwargs: Any) -> TrainingSAE[Any]:
     sae = TrainingSAE.from_dict(build_cfg(architecture, **kwargs).to_dict())
     random_params(sae)
     return sae
-
-
-def step_input(x: torch.Tensor) -> TrainStepInput:
-    return TrainStepInput(
-        sae_in=x,
-        coefficients={"aux_loss": 1.0},
-        dead_neuron_mask=torch.zeros(256, dtype=torch.bool),
-        n_training_steps=0,
-        is_logging_step=False,
-    )
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -166,7 +157,7 @@ def test_use_error_term_returns_the_input_in_train_mode(architecture: str):
     cfg = build_cfg(architecture)
     sae = get_sae_training_class(architecture)[0](cfg, use_error_term=True)
     for _ in range(3):
-        sae.training_forward_pass(step_input(torch.randn(32, cfg.d_in)))
+        sae.training_forward_pass(step_input(torch.randn(32, cfg.d_in), cfg.d_sae))
     inputs = torch.randn(32, cfg.d_in)
 
     torch.testing.assert_close(sae(inputs), inputs)
@@ -177,7 +168,7 @@ def test_running_statistics_change_only_in_training_forward_pass(architecture: s
     cfg = build_cfg(architecture, aux_loss="aux_zipf")
     sae = get_sae_training_class(architecture)[0](cfg)
     for _ in range(3):
-        sae.training_forward_pass(step_input(torch.randn(32, cfg.d_in)))
+        sae.training_forward_pass(step_input(torch.randn(32, cfg.d_in), cfg.d_sae))
     state = {name: value.clone() for name, value in sae.state_dict().items()}
     inputs = torch.randn(32, cfg.d_in)
 
@@ -192,7 +183,7 @@ def test_running_statistics_change_only_in_training_forward_pass(architecture: s
             value, state[name], rtol=0, atol=0, equal_nan=True, msg=name
         )
     before = state["latent_usage"]
-    sae.training_forward_pass(step_input(inputs))
+    sae.training_forward_pass(step_input(inputs, cfg.d_sae))
     assert not torch.equal(sae.state_dict()["latent_usage"], before)
 
 

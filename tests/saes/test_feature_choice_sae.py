@@ -1,10 +1,12 @@
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from adaptive_allocation_helpers import build_sae as build
+from adaptive_allocation_helpers import step_input
 
 from sae_lens import SAE, JumpReLUSAE
-from sae_lens.saes.sae import TrainStepInput
 from sae_mutual_choice.upstream.feature_choice_sae import (
     FeatureChoiceTrainingSAE,
     FeatureChoiceTrainingSAEConfig,
@@ -14,26 +16,8 @@ from sae_mutual_choice.upstream.feature_choice_sae import (
 from sae_mutual_choice.upstream.mutual_choice_sae import calibrate_thresholds
 
 
-def build_sae(**kwargs: object) -> FeatureChoiceTrainingSAE:
-    defaults: dict[str, object] = {
-        "d_in": 16,
-        "d_sae": 64,
-        "k": 4.0,
-        "threshold_calibration_tokens": 256,
-    }
-    return FeatureChoiceTrainingSAE(
-        FeatureChoiceTrainingSAEConfig(**{**defaults, **kwargs})  # type: ignore[arg-type]
-    )
-
-
-def step_input(x: torch.Tensor, d_sae: int = 64) -> TrainStepInput:
-    return TrainStepInput(
-        sae_in=x,
-        coefficients={"aux_loss": 1.0},
-        dead_neuron_mask=torch.zeros(d_sae, dtype=torch.bool),
-        n_training_steps=0,
-        is_logging_step=False,
-    )
+def build_sae(**kwargs: Any) -> FeatureChoiceTrainingSAE:
+    return build(FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig, **kwargs)
 
 
 def test_feature_choice_gives_each_latent_its_best_tokens():

@@ -1,14 +1,16 @@
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from adaptive_allocation_helpers import build_sae as build
+from adaptive_allocation_helpers import step_input
 
 from sae_lens import SAE, JumpReLUSAE
 from sae_lens.saes.batchtopk_sae import (
     BatchTopKTrainingSAE,
     BatchTopKTrainingSAEConfig,
 )
-from sae_lens.saes.sae import TrainStepInput
 from sae_mutual_choice.upstream.mutual_choice_sae import (
     MutualChoiceTrainingSAE,
     MutualChoiceTrainingSAEConfig,
@@ -17,26 +19,8 @@ from sae_mutual_choice.upstream.mutual_choice_sae import (
 )
 
 
-def build_sae(**kwargs: object) -> MutualChoiceTrainingSAE:
-    defaults: dict[str, object] = {
-        "d_in": 16,
-        "d_sae": 64,
-        "k": 4.0,
-        "threshold_calibration_tokens": 256,
-    }
-    return MutualChoiceTrainingSAE(
-        MutualChoiceTrainingSAEConfig(**{**defaults, **kwargs})  # type: ignore[arg-type]
-    )
-
-
-def step_input(x: torch.Tensor, d_sae: int = 64) -> TrainStepInput:
-    return TrainStepInput(
-        sae_in=x,
-        coefficients={"aux_loss": 1.0},
-        dead_neuron_mask=torch.zeros(d_sae, dtype=torch.bool),
-        n_training_steps=0,
-        is_logging_step=False,
-    )
+def build_sae(**kwargs: Any) -> MutualChoiceTrainingSAE:
+    return build(MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig, **kwargs)
 
 
 def test_mutual_choice_fires_the_largest_positive_scores_of_the_batch():
@@ -154,6 +138,6 @@ def test_calibrate_thresholds_refuses_activations_of_another_width():
         ("k", 65.0, "k must be a finite number in \\(0, 64\\]"),
     ],
 )
-def test_config_errors_name_the_field(field: str, value: object, message: str):
+def test_config_errors_name_the_field(field: str, value: Any, message: str):
     with pytest.raises(ValueError, match=message):
         build_sae(**{field: value})
