@@ -131,7 +131,7 @@ def test_the_norm_correction_brings_the_export_closer_to_k_on_the_run(arch):
 @pytest.mark.parametrize("arch", ["mutual_choice", "feature_choice"])
 def test_nearly_constant_norms_leave_the_calibration_uncorrected(arch):
     """Inputs normalised per token (a LayerNorm'd hook point): their norms differ by rounding only,
-    so the export is the plain calibration on the sample, and the run's norm total is exact."""
+    so the export is the plain calibration on the sample, and the run's norm total is exact to float32 rounding."""
     d_in = 256
     torch.manual_seed(0)
     config_class: Any = (
@@ -143,7 +143,8 @@ def test_nearly_constant_norms_leave_the_calibration_uncorrected(arch):
     run = torch.nn.functional.normalize(run, dim=-1) * d_in**0.5
     for batch in run.split(1024):
         sae.remember_inputs(batch)
-    assert float(sae.input_norm_totals[0]) == pytest.approx(float(run.double().norm(dim=-1).sum()), rel=1e-12)
+    # Each norm in float32 (a bias of 2e-8 here), their total in float64: a float32 total drifts further.
+    assert float(sae.input_norm_totals[0]) == pytest.approx(float(run.double().norm(dim=-1).sum()), rel=1e-7)
     corrected = sae.inference_thresholds()
     plain = calibrate_thresholds(sae, sae.calibration_sample())
     torch.testing.assert_close(corrected, plain.to(corrected), rtol=0, atol=0)

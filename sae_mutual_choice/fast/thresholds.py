@@ -20,13 +20,13 @@ from sae_mutual_choice.upstream.mutual_choice_sae import (
 def calibrate_over_ranks(sae: MutualChoiceTrainingSAE) -> None:
     """Pin, on every rank, the thresholds that the joined run's calibration sample gives (a collective).
 
-    This gathers the ranks' samples, keeps the ``threshold_calibration_tokens`` inputs with the
+    This gathers the ranks' samples, keeps the ``calibration_sample_size()`` inputs with the
     largest keys (the sample a single process would hold after training on the joined batches) and
     pins the thresholds computed on it, as ``calibrate_thresholds`` does, until the next training
     step. Call it on every rank before rank 0 saves a checkpoint or the inference model. Sends
     ``N x d_in`` values.
     """
-    capacity = sae.cfg.threshold_calibration_tokens
+    capacity = sae.calibration_sample_size()
     sae.allocate_calibration_sample()  # a rank that took no step gathers an empty sample of the same size
     keys = gather_over_ranks(sae.calibration_keys).reshape(-1)
     if capacity == 0 or not bool(torch.isfinite(keys).any()):

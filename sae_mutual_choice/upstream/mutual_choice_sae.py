@@ -7,14 +7,16 @@ first match wins:
 
 1. an explicit :func:`calibrate_thresholds` on activations the user supplies (until
    training moves on); a checkpoint keeps the thresholds it would export;
-2. a uniform random sample of ``threshold_calibration_tokens`` of all training inputs
-   (reservoir sampling), calibrated with the final weights when the inference model is
-   saved: exact on the sample, for counts corrected for the sample's mean input norm;
+2. a uniform random sample of the training inputs (reservoir sampling, of
+   :meth:`MutualChoiceTrainingSAE.calibration_sample_size` inputs), calibrated with the
+   final weights when the inference model is saved: exact on the sample, for counts
+   corrected for the sample's mean input norm;
 3. the bias-corrected running average of each batch's smallest fired score.
 
 The sample is uniform over the whole run, not the latest inputs: a corpus read in order
 makes the latest inputs a few documents whose thresholds do not carry over to other
-text. It is held in memory only, from the first training step on.
+text. It is held in memory only, from the first training step on, and by default takes at
+most half as many bytes as the SAE's parameters (or 64 MiB, for small SAEs).
 """
 
 from collections.abc import Callable
@@ -40,6 +42,10 @@ from sae_mutual_choice.upstream.adaptive_allocation import (
     top_m_mask,
 )
 
+# The default calibration sample: at most this many inputs, taking at most half the SAE's
+# parameter bytes or CALIBRATION_BYTES_FLOOR, whichever is more (small SAEs keep a large sample).
+MAX_CALIBRATION_TOKENS = 65536
+CALIBRATION_BYTES_FLOOR = 64 << 20
 # Calibration computes scores a block of latents at a time, up to this many bytes.
 MAX_BLOCK_BYTES = 1 << 28
 # A sample whose norms spread less than this many units of the inputs' float resolution
@@ -73,17 +79,18 @@ class MutualChoiceTrainingSAEConfig(AdaptiveAllocationTrainingSAEConfig):
             0.1 rather than BatchTopK's 0.01: the per-batch boundary is an order
             statistic of many pairs (little noise), and a slow average trails the
             threshold as it rises during training.
-        threshold_calibration_tokens (int): size of the uniform sample of training
-            inputs kept to calibrate the exported threshold (0: export the running
-            average instead). The exported L0's sampling noise falls as its square
-            root.
+        threshold_calibration_tokens (int | None): size of the uniform sample of
+            training inputs kept to calibrate the exported threshold (0: export the
+            running average instead). The exported L0's sampling noise falls as its
+            square root. None: the most inputs, up to 65,536, whose copies take at most
+            half as many bytes as the SAE's parameters, or 64 MiB if that is more.
         aux_loss (str): see AdaptiveAllocationTrainingSAEConfig; defaults to
             ``"aux_k"``.
     """
 
     k: float = 100  # type: ignore[assignment]
     topk_threshold_lr: float = 0.1
-    threshold_calibration_tokens: int = 65536
+    threshold_calibration_tokens: int | None = None
 
     @override
     @classmethod
@@ -97,9 +104,10 @@ class MutualChoiceTrainingSAEConfig(AdaptiveAllocationTrainingSAEConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_range("topk_threshold_lr", self.topk_threshold_lr, 0, 1, low_open=True)
-        check_integer(
-            "threshold_calibration_tokens", self.threshold_calibration_tokens, 0
-        )
+        if self.threshold_calibration_tokens is not None:
+            check_integer(
+                "threshold_calibration_tokens", self.threshold_calibration_tokens, 0
+            )
 
 
 class MutualChoiceTrainingSAE(AdaptiveAllocationTrainingSAE):
@@ -193,7 +201,7 @@ class MutualChoiceTrainingSAE(AdaptiveAllocationTrainingSAE):
         """An empty sample of ``n`` slots (buffers left out of checkpoints).
 
         Built and loaded SAEs hold 0 slots; the first training step allocates
-        ``threshold_calibration_tokens``.
+        :meth:`calibration_sample_size`.
         """
         device = self.W_dec.device
         inputs = torch.zeros(n, self.cfg.d_in, dtype=self.W_dec.dtype, device=device)
@@ -210,9 +218,24 @@ class MutualChoiceTrainingSAE(AdaptiveAllocationTrainingSAE):
         self.register_buffer("input_norm_totals", totals, persistent=False)
         self._sampling_generator: torch.Generator | None = None
 
+    def calibration_sample_size(self) -> int:
+        """How many inputs the calibration sample holds.
+
+        ``threshold_calibration_tokens``, or by default the most inputs, up to
+        ``MAX_CALIBRATION_TOKENS``, whose copies (with their norms and keys) take at most
+        half as many bytes as the SAE's parameters or ``CALIBRATION_BYTES_FLOOR``,
+        whichever is more.
+        """
+        if self.cfg.threshold_calibration_tokens is not None:
+            return self.cfg.threshold_calibration_tokens
+        parameter_bytes = sum(p.numel() * p.element_size() for p in self.parameters())
+        allowed = max(parameter_bytes // 2, CALIBRATION_BYTES_FLOOR)
+        row_bytes = self.cfg.d_in * self.W_dec.element_size() + 8 + 4
+        return min(MAX_CALIBRATION_TOKENS, allowed // row_bytes)
+
     def allocate_calibration_sample(self) -> None:
-        """Give the sample its ``threshold_calibration_tokens`` slots, once."""
-        n = self.cfg.threshold_calibration_tokens
+        """Give the sample its :meth:`calibration_sample_size` slots, once."""
+        n = self.calibration_sample_size()
         if self.calibration_keys.shape[0] != n:
             self._reset_calibration_sample(n)
 
@@ -233,18 +256,21 @@ class MutualChoiceTrainingSAE(AdaptiveAllocationTrainingSAE):
         """Add a batch to the uniform sample of inputs; drop any explicit calibration.
 
         Reservoir sampling by random keys: every input gets a uniform key, and the
-        sample is the ``threshold_calibration_tokens`` inputs with the largest keys
+        sample is the :meth:`calibration_sample_size` inputs with the largest keys
         seen so far; no host synchronisation. Each input's norm is kept with it, and
         the norms of all inputs are summed, for the export's correction.
         """
         self.calibrated_thresholds.fill_(torch.nan)
-        capacity = self.cfg.threshold_calibration_tokens
+        capacity = self.calibration_sample_size()
         if capacity == 0:
             return
         self.allocate_calibration_sample()
         rows = sae_in.detach().reshape(-1, self.cfg.d_in)
-        norms = rows.double().norm(dim=-1)
-        self.input_norm_totals[0] += norms.sum()
+        # Each norm in float32 at least, summed in float64 (a float32 sum would move
+        # the run's mean by more than the spread of nearly constant norms).
+        norm_dtype = torch.promote_types(rows.dtype, torch.float32)
+        norms = torch.linalg.vector_norm(rows, dim=-1, dtype=norm_dtype)
+        self.input_norm_totals[0] += norms.sum(dtype=torch.float64)
         self.input_norm_totals[1] += rows.shape[0]
         keys = self.sample_keys(rows.shape[0]).to(self.calibration_keys)
         kept = torch.cat([self.calibration_keys, keys]).topk(capacity).indices

@@ -115,6 +115,32 @@ def test_export_from_the_sample_of_training_inputs_fires_about_k_per_token(
     assert sae.calibration_inputs.shape == (256, 16)
 
 
+@pytest.mark.parametrize(
+    ("d_in", "d_sae", "expected"),
+    [(2304, 16384, 16366), (768, 24576, 24496), (576, 2304, 28976), (64, 256, 65536)],
+)
+def test_the_default_sample_takes_half_the_parameter_bytes_or_64_mib(
+    d_in: int, d_sae: int, expected: int
+):
+    cfg = MutualChoiceTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=32.0, device="meta")
+    sae = MutualChoiceTrainingSAE(cfg)
+
+    n = sae.calibration_sample_size()
+
+    parameter_bytes = sum(p.numel() * 4 for p in sae.parameters())
+    assert n == expected
+    assert n * (d_in * 4 + 12) <= max(parameter_bytes / 2, 64 * 2**20)
+
+
+def test_the_default_sample_is_allocated_by_the_first_training_step():
+    sae = build_sae(threshold_calibration_tokens=None)
+    assert sae.calibration_inputs.numel() == 0
+
+    sae.training_forward_pass(step_input(torch.randn(32, 16)))
+
+    assert sae.calibration_inputs.shape == (65536, 16)
+
+
 def test_an_sae_that_never_trained_has_no_threshold_to_export(tmp_path: Path):
     sae = build_sae()
 
