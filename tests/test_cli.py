@@ -281,3 +281,20 @@ def test_held_out_l0_benchmark_runs_on_saved_saes(compared):
     assert corrected[0] < spreads[0] and corrected[1] < spreads[1]
     addresses = rows[3].split("|")
     assert float(addresses[3]) > float(addresses[4]) > 0  # the sd between addresses, the se of their mean
+
+
+def test_the_same_sae_entered_twice_gets_identical_rows(compared, tmp_path):
+    # Every SAE is measured on the same held-out token batches, the first SAE too.
+    config = yaml.safe_load(TINY.read_text())
+    del config["saes"]
+    saved = str(compared / "saes" / "mutual_choice")
+    config["evaluate_only"] = {"first": {"path": saved}, "again": {"path": saved}}
+    config["evaluation"]["output_dir"] = str(tmp_path / "eval")
+    path = tmp_path / "twice.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    assert main(["eval", str(path)]) == 0
+
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert rows["first"] == rows["again"]
+    assert "explained_variance" in rows["first"]

@@ -251,9 +251,12 @@ def evaluate_all(
         try:
             sae = _load(entry, device)
             _check_matches(sae, hook, model)
+            if activations is None:  # from a store of its own: each SAE's metrics read a fresh one
+                first = held_out_store(model, sae, held_out, spec)
+                activations = held_out_activations(model, first, hook, spec.evaluation.held_out_batches)
+            # A fresh store per SAE starts at the held-out text's first rows: every SAE (and every
+            # @k copy) is measured on the same token batches.
             store = held_out_store(model, sae, held_out, spec)
-            if activations is None:
-                activations = held_out_activations(model, store, hook, spec.evaluation.held_out_batches)
             row = {
                 "architecture": _architecture(sae),
                 **saelens_metrics(sae, model, store, spec.evaluation.eval_batches),
