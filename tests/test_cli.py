@@ -49,8 +49,9 @@ def test_compare_writes_a_row_per_sae_with_finite_metrics(compared):
     assert results["feature_choice"]["dead_latents"] <= results["topk"]["dead_latents"]
     # An entry that cannot load gets a one-line error; the others still ran.
     assert "FileNotFoundError" in results["missing"]["error"]
-    table = (compared / "results.md").read_text()
-    assert table.count("\n") == 2 + len(results)
+    table, listed = (compared / "results.md").read_text().split("\n\nSources:\n")
+    assert table.count("\n") == 1 + len(results)
+    assert f"- topk: {compared / 'saes' / 'topk'}" in listed  # where each SAE came from
     for plot in ("l0_histogram.png", "density_rank.png", "mse_vs_l0.png"):
         assert (compared / plot).stat().st_size > 1000
     run = json.loads((compared / "run.json").read_text())

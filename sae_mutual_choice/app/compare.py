@@ -248,9 +248,10 @@ def evaluate_all(
     for index, (name, entry) in enumerate(entries.items()):
         start = time.perf_counter()
         _say(f"evaluating {name} ({index + 1}/{len(entries)})")
+        source = describe_source(entry)
         try:
             sae = _load(entry, device)
-            _check_matches(sae, hook, model)
+            _check_matches(sae, hook, model, source)
             if activations is None:  # from a store of its own: each SAE's metrics read a fresh one
                 first = held_out_store(model, sae, held_out, spec)
                 activations = held_out_activations(model, first, hook, spec.evaluation.held_out_batches)
@@ -258,6 +259,7 @@ def evaluate_all(
             # @k copy) is measured on the same token batches.
             store = held_out_store(model, sae, held_out, spec)
             row = {
+                "source": source,
                 "architecture": _architecture(sae),
                 **saelens_metrics(sae, model, store, spec.evaluation.eval_batches),
             }
@@ -266,7 +268,10 @@ def evaluate_all(
             results[name] = row
             _say(f"evaluated {name} in {time.perf_counter() - start:.0f} s")
         except Exception as error:  # one bad entry must not stop the others
-            results[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+            results[name] = {
+                "source": source,
+                "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}",
+            }
             _say(f"{name}: {results[name]['error']}")
     out_dir = Path(spec.output_dir)
     write_results(results, out_dir, spec.evaluation.note)
@@ -302,13 +307,23 @@ def _load(entry: Any, device: str) -> SAE[Any]:
     return SAE.load_from_disk(path, device=device)
 
 
-def _check_matches(sae: SAE[Any], hook: str, model: Any) -> None:
+def describe_source(entry: Any) -> str:
+    """Where an SAE entry comes from: ``release/sae_id`` (a pretrained release or a hub repo id and
+    folder, as ``SAE.from_pretrained`` takes them) or its directory."""
+    if isinstance(entry, dict) and "release" in entry:
+        return f"{entry['release']}/{entry['sae_id']} (from_pretrained)"
+    return str(Path(entry["path"] if isinstance(entry, dict) else entry))
+
+
+def _check_matches(sae: SAE[Any], hook: str, model: Any, source: str) -> None:
     sae_hook = sae.cfg.metadata.hook_name
     if sae_hook is not None and sae_hook != hook:
-        raise ValueError(f"SAE hook {sae_hook!r} does not match the configured hook {hook!r}")
+        raise ValueError(f"SAE hook {sae_hook!r} does not match the configured hook {hook!r} ({source})")
     d_model = getattr(getattr(model, "cfg", None), "d_model", None)
     if d_model is not None and sae.cfg.d_in != d_model:
-        raise ValueError(f"SAE d_in {sae.cfg.d_in} does not match the activations' width {d_model}")
+        raise ValueError(
+            f"SAE d_in {sae.cfg.d_in} does not match the activations' width {d_model} ({source})"
+        )
 
 
 def held_out_store(model: Any, sae: SAE[Any], dataset: Any, spec: CompareSpec) -> ActivationsStore:

@@ -44,12 +44,19 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def sources(results: dict[str, dict[str, Any]]) -> str:
+    """Where each SAE came from (a directory, or ``release/sae_id`` for ``SAE.from_pretrained``), as a
+    list under the table; empty when no row says."""
+    lines = [f"- {name}: {row['source']}" for name, row in results.items() if row.get("source")]
+    return "\n\nSources:\n" + "\n".join(lines) if lines else ""
+
+
 def write_results(results: dict[str, dict[str, Any]], out_dir: Path, note: str | None = None) -> Path:
     """Write results.json, results.md (``note`` above the table) and the plots under ``out_dir``; return
     the markdown path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-    table = markdown_table(results)
+    table = markdown_table(results) + sources(results)
     (out_dir / "results.md").write_text((f"{note}\n\n" if note else "") + table + "\n")
     _plots({name: row for name, row in results.items() if "error" not in row}, out_dir)
     return out_dir / "results.md"
