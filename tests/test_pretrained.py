@@ -56,6 +56,7 @@ def published(tmp_path_factory) -> tuple[Path, Path]:
     config = yaml.safe_load(TINY.read_text())
     config["saes"] = {
         "topk": config["saes"]["topk"],
+        "topk8": {**config["saes"]["topk"], "k": 8},
         "jumprelu": {"architecture": "jumprelu", "d_in": 32, "d_sae": 128},
         "mutual_choice": config["saes"]["mutual_choice"],
     }
@@ -65,7 +66,7 @@ def published(tmp_path_factory) -> tuple[Path, Path]:
     cache = tmp / "hub"
     assert _sae_mc(["compare", str(path)], cache).returncode == 0
     saes = tmp / "trained" / "saes"
-    _publish(cache, REPO_ID, {name: saes / name for name in ("topk", "jumprelu", "mutual_choice")})
+    _publish(cache, REPO_ID, {name: saes / name for name in ("topk", "topk8", "jumprelu", "mutual_choice")})
     other_hook = tmp / "other_hook"
     shutil.copytree(saes / "topk", other_hook)
     cfg = json.loads((other_hook / "cfg.json").read_text())
@@ -125,3 +126,26 @@ def test_compare_trains_beside_pretrained_saes_offline(published, tmp_path):
     assert set(rows) == {"feature_choice", "hub_topk"}
     assert rows["hub_topk"]["l0_mean"] == pytest.approx(4.0)
     assert rows["feature_choice"]["at_k_l0_mean"] == pytest.approx(4.0, rel=1e-3)  # per-latent rounding
+
+
+def test_adaptive_saes_are_read_at_the_pretrained_saes_l0(published, tmp_path):
+    cache, saes = published
+    entries = {
+        "pretrained_topk": {"release": REPO_ID, "sae_id": "topk8"},
+        "ours": {"path": str(saes / "mutual_choice")},
+    }
+
+    assert _sae_mc(["eval", str(_config(tmp_path, "at_l0", entries))], cache).returncode == 0
+    explicit = _config(tmp_path, "at_6", {"ours": {"path": str(saes / "mutual_choice")}})
+    config = yaml.safe_load(explicit.read_text())
+    config["evaluation"]["at_l0"] = 6
+    explicit.write_text(yaml.safe_dump(config))
+    assert _sae_mc(["eval", str(explicit)], cache).returncode == 0
+
+    rows = json.loads((tmp_path / "at_l0" / "results.json").read_text())
+    assert rows["ours"]["trained_k"] == 4.0
+    assert rows["ours"]["at_k_l0_mean"] == pytest.approx(8.0)  # the pretrained TopK's k, not its own
+    assert rows["pretrained_topk"]["at_k_l0_mean"] == pytest.approx(8.0)
+    assert rows["ours"]["l0_mean"] < 6
+    rows = json.loads((tmp_path / "at_6" / "results.json").read_text())
+    assert rows["ours"]["at_k_l0_mean"] == pytest.approx(6.0)

@@ -47,8 +47,15 @@ def test_zipf_fits_stay_densities_and_are_named(results):
     assert "mutual_choice: Zipf fit, exponent 1.20" in labels
 
 
-def test_overlapping_saes_keep_distinct_markers(results):
-    (ax,) = mse_vs_l0_figure(results).axes  # both SAEs at the same point
-    shapes = {tuple(map(tuple, c.get_paths()[0].vertices.round(3))) for c in ax.collections}
-    assert len(shapes) == 2
-    assert all(len(c.get_facecolors()) == 0 or c.get_facecolors()[0][3] == 0 for c in ax.collections)
+def test_saes_at_one_point_stay_named_and_equal_l0_rows_do_not_overlap(results):
+    results["mutual_choice"].update(at_k_l0_mean=32.0, at_k_normalized_mse=0.3)
+    results["feature_choice"].update(at_k_l0_mean=32.0, at_k_normalized_mse=0.3)
+    results["batchtopk"] = {**_row(400, 0.0, 122.4, 0.6), "at_k_l0_mean": 32.0, "at_k_normalized_mse": 0.26}
+
+    exported, at_k = mse_vs_l0_figure(results).axes
+
+    assert exported.get_xscale() == "log"  # an export at 4 x k does not squeeze the others
+    assert {text.get_text() for text in exported.texts} == set(results)  # both SAEs at one point are named
+    bars = at_k.patches
+    assert len(bars) == 3 and len({bar.get_y() for bar in bars}) == 3  # one bar each, none hidden
+    assert [label.get_text() for label in at_k.get_yticklabels()] == list(results)

@@ -18,6 +18,7 @@ A compare config (YAML) has four sections:
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from sae_mutual_choice.app.report import markdown_table, write_results
 from sae_mutual_choice.app.yaml_config import check_fields, sae_config_from_dict
 from sae_mutual_choice.fast import data_parallel
 from sae_mutual_choice.fast.collectives import rank, world_size
-from sae_mutual_choice.upstream.adaptive_allocation import check_integer
+from sae_mutual_choice.upstream.adaptive_allocation import check_integer, check_range
 from sae_mutual_choice.upstream.mutual_choice_sae import calibrate_thresholds
 
 SECTIONS = {"runner", "saes", "evaluate_only", "evaluation", "quick"}
@@ -60,10 +61,16 @@ class Evaluation:
     held_out_dataset: str | None = None
     output_dir: str = "results/compare"
     note: str | None = None  # what this run is, printed and written above the results table
+    # The L0 of the "@k" columns of adaptive SAEs: a number, or an evaluated SAE's name (its k, or its
+    # mean L0). None: the L0 of the SAEs from outside this run (evaluate_only, eval's paths) whose L0
+    # is fixed (topk), when they share one; else each SAE's own k.
+    at_l0: float | str | None = None
 
     def __post_init__(self) -> None:
         for name in ("held_out_batches", "eval_batches", "batch_prompts"):
             check_integer(f"evaluation.{name}", getattr(self, name), 1)
+        if not isinstance(self.at_l0, str | None):
+            check_range("evaluation.at_l0", self.at_l0, 0, math.inf, low_open=True)
 
 
 @dataclass
@@ -226,7 +233,7 @@ def run_compare(spec: CompareSpec, log_to_wandb: bool = False) -> dict[str, Any]
             train_tokens_per_second=cfg.training_tokens / train_seconds,
         )
     paths.update(spec.evaluate_only)
-    return evaluate_all(spec, paths, model, meta)
+    return evaluate_all(spec, paths, model, meta, trained=set(spec.saes))
 
 
 def run_eval(spec: CompareSpec, paths: list[Path]) -> dict[str, Any]:
@@ -235,8 +242,15 @@ def run_eval(spec: CompareSpec, paths: list[Path]) -> dict[str, Any]:
 
 
 def evaluate_all(
-    spec: CompareSpec, entries: dict[str, Any], model: Any, meta: dict[str, Any]
+    spec: CompareSpec,
+    entries: dict[str, Any],
+    model: Any,
+    meta: dict[str, Any],
+    trained: set[str] | frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
+    """Evaluate every entry (a directory, or ``{release, sae_id}``) on the same held-out text; write and
+    print the results. ``trained``: the entries this run trained (the others set the "@k" L0, see
+    :attr:`Evaluation.at_l0`)."""
     hook, device, context_size = spec.hook, spec.setting("device"), spec.setting("context_size")
     if model is None:
         model = load_any_model(
@@ -261,6 +275,7 @@ def evaluate_all(
             row = {
                 "source": source,
                 "architecture": _architecture(sae),
+                "trained_k": trained_k(sae),
                 **saelens_metrics(sae, model, store, spec.evaluation.eval_batches),
             }
             row.update(allocation_diagnostics(sae, activations))
@@ -273,6 +288,16 @@ def evaluate_all(
                 "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}",
             }
             _say(f"{name}: {results[name]['error']}")
+    target = at_l0_target(spec.evaluation.at_l0, results, trained)
+    if target is not None and activations is not None:
+        _say(f"adaptive SAEs' @k columns at L0 = {target:g}")
+        for name, entry in entries.items():
+            row = results[name]
+            adaptive = "error" not in row and row["architecture"] != "topk" and "at_k_l0_mean" in row
+            if adaptive and row["trained_k"] != target:
+                sae = _load(entry, device)
+                if hasattr(sae, "threshold"):
+                    row.update(_metrics_at_k(sae, row, model, activations, spec, held_out, target))
     out_dir = Path(spec.output_dir)
     write_results(results, out_dir, spec.evaluation.note)
     (out_dir / "run.json").write_text(json.dumps(meta, indent=1))
@@ -345,6 +370,25 @@ def held_out_store(model: Any, sae: SAE[Any], dataset: Any, spec: CompareSpec) -
     )
 
 
+def at_l0_target(at_l0: float | str | None, results: dict[str, dict[str, Any]], trained: Any) -> float | None:
+    """The L0 of the adaptive SAEs' "@k" columns (:attr:`Evaluation.at_l0`), from the evaluated rows;
+    None: each SAE's own k."""
+    if isinstance(at_l0, str):
+        row = results.get(at_l0)
+        if row is None or "error" in row:
+            raise ValueError(f"evaluation.at_l0: {at_l0!r} is not an evaluated SAE")
+        fixed = row["trained_k"] if row["architecture"] == "topk" else None
+        return float(fixed if fixed is not None else row["l0_mean"])
+    if at_l0 is not None:
+        return float(at_l0)
+    fixed = {
+        row["trained_k"]
+        for name, row in results.items()
+        if name not in trained and "error" not in row and row["architecture"] == "topk"
+    }
+    return fixed.pop() if len(fixed) == 1 else None
+
+
 def _metrics_at_k(
     sae: SAE[Any],
     row: dict[str, Any],
@@ -352,10 +396,12 @@ def _metrics_at_k(
     activations: torch.Tensor,
     spec: CompareSpec,
     held_out: Any,
+    target: float | None = None,
 ) -> dict[str, Any]:
-    """The ``at_k_`` columns: an adaptive SAE recalibrated to mean L0 = k on the evaluation text
-    (:func:`~sae_mutual_choice.app.evaluate.at_k`); a TopK SAE's own figures; none for other SAEs."""
-    k = trained_k(sae)
+    """The ``at_k_`` columns: an adaptive SAE recalibrated to mean L0 = ``target`` (default: its own k)
+    on the evaluation text (:func:`~sae_mutual_choice.app.evaluate.at_k`); a TopK SAE's own figures; none
+    for other SAEs."""
+    k = trained_k(sae) if target is None else target
     if k is None or not (hasattr(sae, "threshold") or sae.cfg.architecture() == "topk"):
         return {}
     if hasattr(sae, "threshold"):

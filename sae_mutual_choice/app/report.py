@@ -125,24 +125,33 @@ def density_rank_figure(results: dict[str, dict[str, Any]]) -> Any:
 
 
 def mse_vs_l0_figure(results: dict[str, dict[str, Any]]) -> Any:
-    """Normalised MSE against L0, one marker shape per SAE; filled: the same SAE recalibrated to L0 = k."""
+    """Left: normalised MSE against L0 as exported (log L0, each point named, so an export far from k
+    does not squeeze the others). Right: normalised MSE at equal sparsity (the "@k" rows), one bar
+    per SAE, so SAEs recalibrated to the same L0 do not hide one another."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    markers = "osD^vPX*"
+    fig, (exported, at_k) = plt.subplots(1, 2, figsize=(11, 4))
     for index, (name, row) in enumerate(results.items()):
-        # Hollow markers of distinct shapes stay distinguishable where SAEs land on one another.
-        style = {"marker": markers[index % len(markers)], "s": 70, "linewidths": 1.5}
         color = f"C{index % 10}"
-        ax.scatter(
-            row["l0_mean"], row["normalized_mse"], facecolors="none", edgecolors=color, label=name, **style
+        exported.scatter(row["l0_mean"], row["normalized_mse"], color=color)
+        exported.annotate(
+            name,
+            (row["l0_mean"], row["normalized_mse"]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=8,
         )
-        if "at_k_l0_mean" in row and row["at_k_l0_mean"] != row["l0_mean"]:
-            ax.scatter(row["at_k_l0_mean"], row["at_k_normalized_mse"], color=color, alpha=0.5, **style)
-    ax.set(
-        xlabel="L0 (held-out, per token)",
-        ylabel="normalised MSE",
-        title="Reconstruction vs L0 (filled: recalibrated to L0 = k)",
+    exported.set(
+        xscale="log", xlabel="L0 (held-out, per token; log)", ylabel="normalised MSE", title="As exported"
     )
-    ax.legend()
+    equal = [(name, row) for name, row in results.items() if row.get("at_k_l0_mean") is not None]
+    for index, (name, row) in enumerate(equal):
+        at_k.barh(index, row["at_k_normalized_mse"], color=f"C{list(results).index(name) % 10}")
+        at_k.text(
+            row["at_k_normalized_mse"], index, f" L0 {row['at_k_l0_mean']:.1f}", va="center", fontsize=8
+        )
+    at_k.set_yticks(range(len(equal)), [name for name, _ in equal])
+    at_k.invert_yaxis()
+    at_k.set(xlabel="normalised MSE", title="At equal L0 (@k: recalibrated on this text)")
+    fig.tight_layout()
     return fig
