@@ -49,8 +49,12 @@ def test_compare_writes_a_row_per_sae_with_finite_metrics(compared):
     assert results["feature_choice"]["dead_latents"] <= results["topk"]["dead_latents"]
     # An entry that cannot load gets a one-line error; the others still ran.
     assert "FileNotFoundError" in results["missing"]["error"]
-    table, listed = (compared / "results.md").read_text().split("\n\nSources:\n")
+    text = (compared / "results.md").read_text()
+    table, measured_on, listed = text.split("\n\n")
     assert table.count("\n") == 1 + len(results)
+    assert measured_on.startswith(
+        "Every SAE on the same held-out text: SAELens's metrics on 16 prompts of 32"
+    )
     assert f"- topk: {compared / 'saes' / 'topk'}" in listed  # where each SAE came from
     for plot in ("l0_histogram.png", "density_rank.png", "mse_vs_l0.png"):
         assert (compared / plot).stat().st_size > 1000

@@ -299,11 +299,20 @@ def evaluate_all(
                 if hasattr(sae, "threshold"):
                     row.update(_metrics_at_k(sae, row, model, activations, spec, held_out, target))
     out_dir = Path(spec.output_dir)
-    write_results(results, out_dir, spec.evaluation.note)
+    measured_on = None
+    if activations is not None:
+        evaluation = spec.evaluation
+        prompts = evaluation.eval_batches * evaluation.batch_prompts
+        meta.update(eval_prompts=prompts, context_size=context_size, held_out_tokens=activations.shape[0])
+        measured_on = (
+            f"Every SAE on the same held-out text: SAELens's metrics on {prompts} prompts of {context_size} "
+            f"tokens, the L0, MSE, dead/dense and density figures on {activations.shape[0]} tokens."
+        )
+    write_results(results, out_dir, spec.evaluation.note, measured_on)
     (out_dir / "run.json").write_text(json.dumps(meta, indent=1))
     if spec.evaluation.note:
         print(spec.evaluation.note + "\n")
-    print(markdown_table(results))
+    print(markdown_table(results) + (f"\n\n{measured_on}" if measured_on else ""))
     print(f"\nresults: {out_dir.resolve()}")
     return {"saes": results, "run": meta}
 

@@ -51,12 +51,14 @@ def sources(results: dict[str, dict[str, Any]]) -> str:
     return "\n\nSources:\n" + "\n".join(lines) if lines else ""
 
 
-def write_results(results: dict[str, dict[str, Any]], out_dir: Path, note: str | None = None) -> Path:
-    """Write results.json, results.md (``note`` above the table) and the plots under ``out_dir``; return
-    the markdown path."""
+def write_results(
+    results: dict[str, dict[str, Any]], out_dir: Path, note: str | None = None, measured_on: str | None = None
+) -> Path:
+    """Write results.json, results.md (``note`` above the table, ``measured_on`` and the sources under it)
+    and the plots under ``out_dir``; return the markdown path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-    table = markdown_table(results) + sources(results)
+    table = markdown_table(results) + (f"\n\n{measured_on}" if measured_on else "") + sources(results)
     (out_dir / "results.md").write_text((f"{note}\n\n" if note else "") + table + "\n")
     _plots({name: row for name, row in results.items() if "error" not in row}, out_dir)
     return out_dir / "results.md"
