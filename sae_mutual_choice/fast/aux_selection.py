@@ -1,6 +1,6 @@
 """The aux loss's candidate search with host reads, where they cost nothing (CPU).
 
-Same selection as :func:`sae_mutual_choice.upstream.aux_zipf.aux_selection`, by a cheaper search
+Same selection as :func:`sae_mutual_choice.upstream.adaptive_allocation.aux_selection`, by a cheaper search
 when the number of candidates (under-used latents) can be read: only their columns, or every
 column unmasked when all latents are candidates; none at all when there is no candidate.
 """
@@ -31,7 +31,7 @@ COLUMNS_SEARCH_SHARE = 0.8
 
 @torch.no_grad()
 def aux_selection(hidden_pre: torch.Tensor, underuse: torch.Tensor, d_in: int) -> AuxSelection | None:
-    """:func:`~sae_mutual_choice.upstream.aux_zipf.aux_selection`, searched faster where host reads are free.
+    """:func:`~sae_mutual_choice.upstream.adaptive_allocation.aux_selection`, searched faster where host reads are free.
 
     There the number of candidates is read: None when there is none; :func:`search_columns` up to
     ``COLUMNS_SEARCH_SHARE`` of the latents, :func:`search_unmasked` when every latent is one, else

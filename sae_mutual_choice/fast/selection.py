@@ -2,7 +2,7 @@
 
 The sparse training path (:mod:`sae_mutual_choice.fast.sparse_step`) never builds a dense ``[B, F]``
 activation tensor; it asks these functions which pairs fire. Each returns exactly the pairs that
-the dense rule of :mod:`sae_mutual_choice.upstream.allocation` fires on the same scores (ties included),
+the dense rule (:mod:`sae_mutual_choice.upstream`) fires on the same scores (ties included),
 sorted by flat index ``token * F + latent``; the tests compare the two on tied and untied scores.
 
 - Token Choice: one per-token ``topk(k + 1)``; the extra column proves that no tie crosses the
@@ -98,7 +98,7 @@ def positive_entries(scores: torch.Tensor, entries: Entries) -> Entries:
 
 
 def token_choice_entries(scores: torch.Tensor, k: int) -> Entries:
-    """The pairs :func:`~sae_mutual_choice.upstream.allocation.token_choice` fires on ``scores [B, F]``."""
+    """The pairs :func:`~sae_mutual_choice.fast.token_choice_sae.token_choice` fires on ``scores [B, F]``."""
     n_tokens, n_latents = scores.shape
     k = min(k, n_latents)
     width = min(k + 1, n_latents)
@@ -165,7 +165,7 @@ def mutual_choice_candidates(rows: torch.Tensor, budget: int) -> torch.Tensor:
 
 
 def mutual_choice_entries(scores: torch.Tensor, budget: int) -> Entries:
-    """The pairs :func:`~sae_mutual_choice.upstream.allocation.mutual_choice` fires on ``scores [B, F]``.
+    """The pairs :func:`~sae_mutual_choice.upstream.mutual_choice_sae.mutual_choice` fires on ``scores [B, F]``.
 
     ``scores`` may be token-major or latent-major; the cuts read its rows along the memory-contiguous
     dimension.
@@ -189,7 +189,7 @@ def mutual_choice_entries(scores: torch.Tensor, budget: int) -> Entries:
 
 
 def feature_choice_entries(scores: torch.Tensor, counts: torch.Tensor, total: int | None = None) -> Entries:
-    """The pairs :func:`~sae_mutual_choice.upstream.allocation.feature_choice` fires on ``scores [B, F]``.
+    """The pairs :func:`~sae_mutual_choice.upstream.feature_choice_sae.feature_choice` fires on ``scores [B, F]``.
 
     ``counts [F]``: each latent's capacity (integers). ``total``: their sum (each clamped to B),
     known on the host (the batch's budget); with it, where host reads are not free, the selection

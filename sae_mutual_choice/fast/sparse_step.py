@@ -166,7 +166,7 @@ class SparseStep:
         """``(x, shift)``: the encoder's input and what :class:`SelectedScores` differentiates it through.
 
         SAELens's ``process_sae_in`` subtracts ``b_dec * apply_b_dec_to_input`` last; the SAE has no
-        hooks here (:meth:`~sae_mutual_choice.fast.base.AllocationSAEMixin.sparse_step_applies`). So where
+        hooks here (:meth:`~sae_mutual_choice.fast.base.FastStepMixin.sparse_step_applies`). So where
         ``sae_in`` needs no gradient, ``x`` is a constant minus that shift, whose gradient is a sum
         over latents; else ``x`` keeps its graph and the shift is a constant 0.
         """
@@ -228,7 +228,7 @@ class SparseStep:
         )
 
     def aux_loss(self, sae_out: torch.Tensor, underuse: torch.Tensor, coefficient: float) -> torch.Tensor:
-        """The aux loss of :func:`~sae_mutual_choice.upstream.aux_zipf.aux_zipf_loss`, on the selected pairs only."""
+        """The aux loss of :func:`~sae_mutual_choice.upstream.adaptive_allocation.aux_zipf_loss`, on the selected pairs only."""
         sae_in = self.step_input.sae_in
         selection = aux_selection(self.hidden_pre, underuse, sae_in.shape[-1])
         if selection is None:
