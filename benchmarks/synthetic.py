@@ -47,6 +47,10 @@ DIAGNOSTIC_METRICS = [
     "shared_best_match",
     "live_uniqueness",
 ]
+# Feature Choice only: latents whose capacity sat at the floor (min_capacity_ratio of the uniform share)
+# at the end of training, those of them the export never fires on the evaluation samples, and latents
+# whose training score is positive on no evaluation sample (only positive scores fire).
+FLOOR_METRICS = ["floor_latents", "floor_latents_dead", "never_positive_latents"]
 
 
 def sae_config(settings: dict[str, Any], variant: dict[str, Any]) -> Any:
@@ -106,6 +110,27 @@ def live_uniqueness(sae: Any, model: SyntheticModel, n_samples: int) -> float:
     return best.unique().numel() / int(live.sum())
 
 
+@torch.no_grad()
+def floor_statistics(
+    trained: Any, exported: Any, model: SyntheticModel, n_samples: int, batch_size: int
+) -> dict[str, int]:
+    """:data:`FLOOR_METRICS` of a Feature Choice run (nothing for other architectures): capacities for a
+    training batch of ``batch_size``, firing and scores on ``n_samples`` fresh samples."""
+    if not hasattr(trained, "capacities"):
+        return {}
+    capacities = trained.capacities(batch_size)
+    floor = trained.cfg.min_capacity_ratio * float(capacities.sum()) / trained.cfg.d_sae
+    at_floor = capacities <= floor * 1.01
+    hidden, _ = model.sample_with_features(n_samples)
+    fired = (exported.encode(hidden) > 0).any(0).to(at_floor.device)
+    positive = (trained.encode_with_hidden_pre(hidden)[1] > 0).any(0).to(at_floor.device)
+    return {
+        "floor_latents": int(at_floor.sum()),
+        "floor_latents_dead": int((at_floor & ~fired).sum()),
+        "never_positive_latents": int((~positive).sum()),
+    }
+
+
 def run_one(
     settings: dict[str, Any], model: SyntheticModel, name: str, seed: int, tmp: Path
 ) -> dict[str, Any]:
@@ -127,7 +152,7 @@ def run_one(
         override_synthetic_model=model,
     )
     start = time.perf_counter()
-    runner.run()
+    trained = runner.run().sae
     seconds = time.perf_counter() - start
     sae = SAE.load_from_disk(out)  # the exported inference SAE, as a user would load it
 
@@ -171,6 +196,9 @@ def run_one(
         "mcc_at_k": at_k_result.mcc,
         "f1_at_k": at_k_result.classification.f1_score,
         "explained_variance_at_k": at_k_result.explained_variance,
+        **floor_statistics(
+            trained, sae, model, min(settings["eval_samples"], 20_000), settings["batch_size"]
+        ),
     }
 
 
@@ -214,7 +242,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for name in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == name]
         entry: dict[str, Any] = {"variant": name, "seeds": len(mine)}
-        optional = [m for m in DIAGNOSTIC_METRICS + AT_K_METRICS if all(m in r for r in mine)]
+        optional = [m for m in DIAGNOSTIC_METRICS + AT_K_METRICS + FLOOR_METRICS if all(m in r for r in mine)]
         for metric in METRICS + optional:
             values = torch.tensor([float(r[metric]) for r in mine], dtype=torch.float64)
             entry[metric] = float(values.mean())  # NaN if a run's figure is undefined (constant L0)
@@ -253,6 +281,19 @@ def table(summary: list[dict[str, Any]]) -> str:
             for m in diagnostic
         ]
         lines.append(f"| {s['variant']} | " + " | ".join(cells) + " |")
+    floors = [s for s in summary if all(m in s for m in FLOOR_METRICS)]
+    if floors:
+        lines += [
+            "",
+            "| Feature Choice variant | latents at the capacity floor | of them never firing | never a positive score |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {s['variant']} | "
+            + " | ".join(f"{s[m]:.1f} ± {s[m + '_sd']:.1f}" for m in FLOOR_METRICS)
+            + " |"
+            for s in floors
+        ]
     return "\n".join(lines)
 
 
