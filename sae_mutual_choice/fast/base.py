@@ -31,24 +31,17 @@ from sae_mutual_choice.fast.config import sparse_step_is_faster
 from sae_mutual_choice.fast.host_reads import host_reads_are_free
 from sae_mutual_choice.fast.selection import Entries, firing_statistics
 from sae_mutual_choice.fast.sparse_step import SparseStep
-from sae_mutual_choice.upstream.adaptive_allocation import AuxSelection
+from sae_mutual_choice.upstream.adaptive_allocation import (
+    NONFINITE_MESSAGE,
+    AuxSelection,
+    validate_activations,
+)
 
-NONFINITE_MESSAGE = "activations contain NaN or infinite values"
 # Without free host reads, a training step records non-finite inputs on the device; the record is
 # read at SAELens's logging steps, every this many steps, and before the SAE is saved.
 NONFINITE_CHECK_INTERVAL = 100
 # Buffers of 0.4.0-0.4.2 checkpoints (they kept the last inputs themselves); dropped on loading.
 LEGACY_CHECKPOINT_BUFFERS = ("recent_inputs", "recent_inputs_filled", "recent_inputs_next")
-
-
-def validate_activations(x: torch.Tensor, d_in: int, finite: bool = True) -> None:
-    """Raise ``ValueError`` for input an SAE with ``d_in`` inputs cannot encode (with ``finite``, NaN/inf too)."""
-    if x.ndim == 0 or x.shape[-1] != d_in:
-        raise ValueError(f"activations must have last dimension d_in={d_in}, got shape {list(x.shape)}")
-    if x.shape[:-1].numel() == 0:
-        raise ValueError(f"activations must hold at least one token, got shape {list(x.shape)}")
-    if finite and not bool(torch.isfinite(x).all()):
-        raise ValueError(NONFINITE_MESSAGE)
 
 
 def with_bias(products: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ import torch
 
 from sae_mutual_choice.fast.collectives import joined_boundaries, world_size
 from sae_mutual_choice.fast.host_reads import host_reads_are_free
+from sae_mutual_choice.upstream.adaptive_allocation import firing_statistics as dense_firing_statistics
 from sae_mutual_choice.upstream.adaptive_allocation import top_m_mask
 
 # Feature Choice without host reads: the shared shortlist's width, relative to the mean capacity.
@@ -356,13 +357,10 @@ def _joined_keep(
 def firing_statistics(feature_acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per latent, how many pairs fired and the smallest fired activation (inf where none), from
     activations ``[..., F]``, dense or sparse COO (coalesced); computed without a host read. ``-> ([F], [F])``."""
+    if not feature_acts.is_sparse:
+        return dense_firing_statistics(feature_acts)
     n_latents = feature_acts.shape[-1]
-    acts = feature_acts.detach()
-    if not acts.is_sparse:
-        flat = acts.reshape(-1, n_latents)
-        fired = flat > 0
-        return fired.sum(0), torch.where(fired, flat, torch.inf).amin(0)
-    acts = acts.coalesce()
+    acts = feature_acts.detach().coalesce()
     cols, values = acts.indices()[-1], acts.values()
     fired = values > 0
     counts = torch.zeros(n_latents, dtype=torch.long, device=cols.device).index_add_(0, cols, fired.long())

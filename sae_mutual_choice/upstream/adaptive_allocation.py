@@ -417,6 +417,27 @@ def aux_reconstruction_loss(
     return coefficient * scale * (recons - residual).pow(2).sum(dim=-1).mean()
 
 
+NONFINITE_MESSAGE = "activations contain NaN or infinite values"
+
+
+def validate_activations(x: torch.Tensor, d_in: int, finite: bool = True) -> None:
+    """Raise ``ValueError`` for activations an SAE with ``d_in`` inputs cannot encode.
+
+    The last dimension must be ``d_in`` and there must be a token; with ``finite``,
+    NaN or infinite values are refused too (a host read).
+    """
+    if x.ndim == 0 or x.shape[-1] != d_in:
+        raise ValueError(
+            f"activations must have last dimension d_in={d_in}, got shape {list(x.shape)}"
+        )
+    if x.shape[:-1].numel() == 0:
+        raise ValueError(
+            f"activations must hold at least one token, got shape {list(x.shape)}"
+        )
+    if finite and not bool(torch.isfinite(x).all()):
+        raise ValueError(NONFINITE_MESSAGE)
+
+
 def check_range(
     name: str,
     value: Any,

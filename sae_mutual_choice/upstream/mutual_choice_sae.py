@@ -40,6 +40,7 @@ from sae_mutual_choice.upstream.adaptive_allocation import (
     over_tokens,
     round_capacities,
     top_m_mask,
+    validate_activations,
 )
 
 # The default calibration sample: at most this many inputs, taking at most half the SAE's
@@ -447,20 +448,8 @@ def calibrate_thresholds(sae: Any, activations: torch.Tensor) -> torch.Tensor:
             "calibrate_thresholds takes a mutual_choice or feature_choice training "
             f"SAE, got {type(sae).__name__}"
         )
-    d_in = sae.cfg.d_in
-    if activations.ndim == 0 or activations.shape[-1] != d_in:
-        raise ValueError(
-            f"activations must have last dimension d_in={d_in}, "
-            f"got shape {list(activations.shape)}"
-        )
-    if activations.shape[:-1].numel() == 0:
-        raise ValueError(
-            "activations must hold at least one token, "
-            f"got shape {list(activations.shape)}"
-        )
-    if not bool(torch.isfinite(activations).all()):
-        raise ValueError("activations contain NaN or infinite values")
-    n_tokens = activations.reshape(-1, d_in).shape[0]
+    validate_activations(activations, sae.cfg.d_in)
+    n_tokens = activations.reshape(-1, sae.cfg.d_in).shape[0]
     counts = sae.calibration_counts(n_tokens)
     sae.set_inference_thresholds(thresholds_for_counts(sae, activations, counts))
     return sae.inference_thresholds()
