@@ -79,13 +79,14 @@ def sae_lens_version(root: Path) -> str:
     return found.group(1)
 
 
-def insert_after(text: str, anchor: str, addition: str, path: str) -> str:
-    """``text`` with ``addition`` inserted after the first line equal to ``anchor``."""
+def insert_at(text: str, anchor: str, addition: str, path: str, before: bool = False) -> str:
+    """``text`` with ``addition`` inserted after (``before``: before) the first line equal to ``anchor``."""
     lines = text.splitlines(keepends=True)
     for index, line in enumerate(lines):
         if line.rstrip("\n") == anchor:
-            return "".join(lines[: index + 1]) + addition + "".join(lines[index + 1 :])
-    raise ValueError(f"{path}: no line {anchor!r} to insert after (not SAELens {PINNED_SAE_LENS}?)")
+            at = index if before else index + 1
+            return "".join(lines[:at]) + addition + "".join(lines[at:])
+    raise ValueError(f"{path}: no line {anchor!r} to insert at (not SAELens {PINNED_SAE_LENS}?)")
 
 
 def registered_init(text: str) -> str:
@@ -93,18 +94,16 @@ def registered_init(text: str) -> str:
     path = "sae_lens/__init__.py"
     fc, fc_cfg = EXPORTS["feature_choice_sae"]
     mc, mc_cfg = EXPORTS["mutual_choice_sae"]
-    text = insert_after(text, "    BatchTopKTrainingSAEConfig,", f"    {fc},\n    {fc_cfg},\n", path)
-    text = insert_after(
-        text, "    MatryoshkaBatchTopKTrainingSAEConfig,", f"    {mc},\n    {mc_cfg},\n", path
-    )
+    text = insert_at(text, "    BatchTopKTrainingSAEConfig,", f"    {fc},\n    {fc_cfg},\n", path)
+    text = insert_at(text, "    MatryoshkaBatchTopKTrainingSAEConfig,", f"    {mc},\n    {mc_cfg},\n", path)
     names = "".join(f'    "{name}",\n' for name in (mc, mc_cfg, fc, fc_cfg))
-    text = insert_after(text, '    "MatryoshkaBatchTopKTrainingSAEConfig",', names, path)
+    text = insert_at(text, '    "MatryoshkaBatchTopKTrainingSAEConfig",', names, path)
     registrations = "".join(
         f'register_sae_training_class(\n    "{name}", {EXPORTS[module][0]}, {EXPORTS[module][1]}\n)\n'
         for name, module in REGISTERED.items()
     )
     anchor = 'register_sae_class("transcoder", Transcoder, TranscoderConfig)'
-    return insert_before(text, anchor, registrations, path)
+    return insert_at(text, anchor, registrations, path, before=True)
 
 
 def registered_saes_init(text: str) -> str:
@@ -116,22 +115,13 @@ def registered_saes_init(text: str) -> str:
     }
     for module, anchor in anchors.items():
         names = "".join(f"    {name},\n" for name in EXPORTS[module])
-        text = insert_before(text, anchor, f"from .{module} import (\n{names})\n", path)
+        text = insert_at(text, anchor, f"from .{module} import (\n{names})\n", path, before=True)
     names = "".join(
         f'    "{name}",\n'
         for module in ("mutual_choice_sae", "feature_choice_sae")
         for name in EXPORTS[module]
     )
-    return insert_after(text, '    "MatryoshkaBatchTopKTrainingSAEConfig",', names, path)
-
-
-def insert_before(text: str, anchor: str, addition: str, path: str) -> str:
-    """``text`` with ``addition`` inserted before the first line equal to ``anchor``."""
-    lines = text.splitlines(keepends=True)
-    for index, line in enumerate(lines):
-        if line.rstrip("\n") == anchor:
-            return "".join(lines[:index]) + addition + "".join(lines[index:])
-    raise ValueError(f"{path}: no line {anchor!r} to insert before (not SAELens {PINNED_SAE_LENS}?)")
+    return insert_at(text, '    "MatryoshkaBatchTopKTrainingSAEConfig",', names, path)
 
 
 def file_diff(path: str, old: str | None, new: str) -> str:

@@ -5,7 +5,7 @@ Errors name the field and its allowed range.
 """
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
@@ -28,13 +28,13 @@ class FastFields:
     sparse_training: bool | Literal["auto"] = "auto"
     data_parallel: bool = False
 
-
-def validate_fast_fields(cfg: Any) -> None:
-    """Validate the fields of :class:`FastFields` (``cfg`` is one of our configs)."""
-    if not isinstance(cfg.data_parallel, bool):
-        raise ValueError(f"data_parallel must be true or false, got {cfg.data_parallel!r}")
-    if not isinstance(cfg.sparse_training, bool) and cfg.sparse_training != "auto":
-        raise ValueError(f"sparse_training must be true, false or 'auto', got {cfg.sparse_training!r}")
+    def __post_init__(self) -> None:
+        # First in the bases of each config here: the upstream config validates its own fields first.
+        super().__post_init__()  # type: ignore[misc]
+        if not isinstance(self.data_parallel, bool):
+            raise ValueError(f"data_parallel must be true or false, got {self.data_parallel!r}")
+        if not isinstance(self.sparse_training, bool) and self.sparse_training != "auto":
+            raise ValueError(f"sparse_training must be true, false or 'auto', got {self.sparse_training!r}")
 
 
 def sparse_step_is_faster(device: torch.device) -> bool:

@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from sae_mutual_choice.fast.base import FastStepMixin, with_bias
 from sae_mutual_choice.fast.collectives import sum_over_ranks
-from sae_mutual_choice.fast.config import FastFields, validate_fast_fields
+from sae_mutual_choice.fast.config import FastFields
 from sae_mutual_choice.fast.selection import (
     Entries,
     feature_choice_entries,
@@ -30,10 +30,6 @@ RENAMED_BUFFERS = {"latent_threshold": "topk_threshold", "latent_threshold_weigh
 @dataclass
 class FeatureChoiceTrainingSAEConfig(FastFields, upstream.FeatureChoiceTrainingSAEConfig):
     """The upstream Feature Choice config plus :class:`~sae_mutual_choice.fast.config.FastFields`."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        validate_fast_fields(self)
 
 
 class FeatureChoiceTrainingSAE(FastStepMixin, upstream.FeatureChoiceTrainingSAE):

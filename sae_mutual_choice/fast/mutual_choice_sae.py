@@ -9,7 +9,7 @@ import torch
 from typing_extensions import override
 
 from sae_mutual_choice.fast.base import FastStepMixin
-from sae_mutual_choice.fast.config import FastFields, validate_fast_fields
+from sae_mutual_choice.fast.config import FastFields
 from sae_mutual_choice.fast.selection import Entries, mutual_choice_entries, mutual_choice_entries_over_ranks
 from sae_mutual_choice.upstream import mutual_choice_sae as upstream
 from sae_mutual_choice.upstream.adaptive_allocation import batch_budget
@@ -18,10 +18,6 @@ from sae_mutual_choice.upstream.adaptive_allocation import batch_budget
 @dataclass
 class MutualChoiceTrainingSAEConfig(FastFields, upstream.MutualChoiceTrainingSAEConfig):
     """The upstream Mutual Choice config plus :class:`~sae_mutual_choice.fast.config.FastFields`."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        validate_fast_fields(self)
 
 
 class MutualChoiceTrainingSAE(FastStepMixin, upstream.MutualChoiceTrainingSAE):

@@ -14,7 +14,7 @@ from sae_lens.saes.topk_sae import TopKSAEConfig
 from typing_extensions import override
 
 from sae_mutual_choice.fast.base import FastStepMixin
-from sae_mutual_choice.fast.config import FastFields, validate_fast_fields
+from sae_mutual_choice.fast.config import FastFields
 from sae_mutual_choice.fast.selection import Entries, token_choice_entries
 from sae_mutual_choice.upstream.adaptive_allocation import (
     AdaptiveAllocationTrainingSAE,
@@ -43,7 +43,6 @@ class TokenChoiceTrainingSAEConfig(FastFields, AdaptiveAllocationTrainingSAEConf
         if not isinstance(self.k, int) or isinstance(self.k, bool):
             raise ValueError(f"k must be an integer in [1, d_sae={self.d_sae}], got {self.k!r}")
         super().__post_init__()
-        validate_fast_fields(self)
 
     @override
     def get_inference_config_class(self) -> type[SAEConfig]:
