@@ -177,6 +177,8 @@ def run_one(
     return {
         "variant": name,
         "architecture": variant["architecture"],
+        "aux_loss": trained.cfg.aux_loss if hasattr(trained.cfg, "aux_loss") else "aux_k",
+        "lr": variant.get("lr", settings["lr"]),
         "seed": seed,
         "mcc": result.mcc,
         "f1": result.classification.f1_score,
@@ -297,6 +299,57 @@ def table(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def promises(rows: list[dict[str, Any]], d_sae: int) -> str:
+    """Issue 26's checks per learning rate, on means over seeds (dead latents: the worst seed): Feature
+    Choice's exported SAE against TopK's (dead <= 1 % of latents, uniqueness >= TopK's, MCC >= TopK's,
+    explained variance at least TopK's - 0.01), and Mutual Choice's dead latents against BatchTopK's."""
+
+    def runs(architecture: str, lr: float, aux_loss: str | None = None) -> list[dict[str, Any]]:
+        return [
+            r
+            for r in rows
+            if r["architecture"] == architecture
+            and r.get("lr") == lr
+            and (aux_loss is None or r.get("aux_loss") == aux_loss)
+        ]
+
+    def mean(mine: list[dict[str, Any]], metric: str) -> float:
+        return statistics.fmean(float(r[metric]) for r in mine)
+
+    lines = [
+        "| lr | FC dead (worst seed, % of latents) | unique FC / TopK | unique live FC / TopK | MCC FC / TopK "
+        "| EV FC − TopK | FC holds | dead BatchTopK / MC aux_k / MC aux_zipf |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for lr in sorted({r["lr"] for r in rows if "lr" in r}):
+        fc, topk = runs("feature_choice", lr), runs("topk", lr)
+        mc = [
+            runs("batchtopk", lr),
+            runs("mutual_choice", lr, "aux_k"),
+            runs("mutual_choice", lr, "aux_zipf"),
+        ]
+        dead_mc = " / ".join(f"{mean(m, 'dead_latents'):.0f}" if m else "—" for m in mc)
+        if not (fc and topk):
+            lines.append(f"| {lr:g} | — | — | — | — | — | — | {dead_mc} |")
+            continue
+        worst_dead = 100 * max(r["dead_latents"] for r in fc) / d_sae
+        ev_gap = mean(fc, "explained_variance") - mean(topk, "explained_variance")
+        checks = {
+            "dead": worst_dead <= 1,
+            "uniqueness": mean(fc, "uniqueness") >= mean(topk, "uniqueness"),
+            "MCC": mean(fc, "mcc") >= mean(topk, "mcc"),
+            "EV": ev_gap >= -0.01,
+        }
+        failed = [name for name, held in checks.items() if not held]
+        lines.append(
+            f"| {lr:g} | {worst_dead:.1f} | {mean(fc, 'uniqueness'):.3f} / {mean(topk, 'uniqueness'):.3f} | "
+            f"{mean(fc, 'live_uniqueness'):.3f} / {mean(topk, 'live_uniqueness'):.3f} | "
+            f"{mean(fc, 'mcc'):.3f} / {mean(topk, 'mcc'):.3f} | {ev_gap:+.3f} | "
+            f"{'yes' if not failed else 'no: ' + ', '.join(failed)} | {dead_mc} |"
+        )
+    return "\n".join(lines)
+
+
 def combine(paths: list[Path], out: Path) -> None:
     """Print one table (and the best of each learning-rate sweep) from the rows of several runs' JSON
     files, for example a sweep on one seed and the chosen rates on more, and write them to ``out``."""
@@ -309,6 +362,9 @@ def combine(paths: list[Path], out: Path) -> None:
     if sweep:
         print("\nbest learning rate of each swept variant (highest mean explained variance):\n")
         print(table(best_of_sweep(sweep, summary)))
+    widths = {run.get("settings", {}).get("d_sae") for run in runs}
+    if len(widths) == 1 and None not in widths:  # one setting: the checks compare like with like
+        print(f"\nissue 26's checks per learning rate:\n\n{promises(rows, widths.pop())}")
     wall = sum(run["wall_seconds"] for run in runs)
     payload = {"combined": [str(p) for p in paths], "rows": rows, "wall_seconds": wall, "summary": summary}
     out.write_text(json.dumps(payload, indent=1))
@@ -356,6 +412,7 @@ def main() -> None:
     if settings.get("lr_sweep"):
         print("\nbest learning rate of each swept variant (highest mean explained variance):\n")
         print(table(best_of_sweep(settings, summary)))
+    print(f"\nissue 26's checks per learning rate:\n\n{promises(rows, settings['d_sae'])}")
     out.write_text(json.dumps({**payload, "summary": summary}, indent=1))
     print(f"\nwrote {out}")
     if not args.quick and args.config.stem == "synthetic":  # the section is the default config's

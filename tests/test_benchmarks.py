@@ -248,6 +248,43 @@ def test_synthetic_learning_rate_sweep_expands_and_keeps_the_best():
         synthetic.expand_lr_sweep({**settings, "lr_sweep": {"lrs": [1e-3], "variants": ["batchtopk"]}})
 
 
+def test_synthetic_promises_check_feature_choice_against_topk_per_learning_rate():
+    """Issue 26's checks: dead latents on the worst seed, means of the rest, a named failure per check."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    synthetic = importlib.import_module("synthetic")
+
+    def row(architecture, lr, seed, dead, unique, mcc, ev, aux_loss="aux_k"):
+        return {
+            "architecture": architecture,
+            "aux_loss": aux_loss,
+            "lr": lr,
+            "seed": seed,
+            "dead_latents": dead,
+            "uniqueness": unique,
+            "live_uniqueness": unique,
+            "mcc": mcc,
+            "explained_variance": ev,
+        }
+
+    rows = [
+        row("topk", 1e-3, 0, 50, 0.50, 0.40, 0.70),
+        row("topk", 1e-3, 1, 50, 0.50, 0.40, 0.70),
+        row("feature_choice", 1e-3, 0, 0, 0.60, 0.50, 0.695, "aux_zipf"),
+        row("feature_choice", 1e-3, 1, 2, 0.60, 0.50, 0.695, "aux_zipf"),
+        row("topk", 3e-4, 0, 10, 0.50, 0.40, 0.60),
+        row("feature_choice", 3e-4, 0, 0, 0.40, 0.30, 0.58, "aux_zipf"),
+        row("batchtopk", 3e-4, 0, 70, 0.5, 0.4, 0.6),
+        row("mutual_choice", 3e-4, 0, 60, 0.5, 0.4, 0.6, "aux_zipf"),
+    ]
+    lines = synthetic.promises(rows, d_sae=100).splitlines()
+    assert lines[2].startswith("| 0.0003 | 0.0 | 0.400 / 0.500 |")
+    assert "no: uniqueness, MCC, EV | 70 / — / 60 |" in lines[2]
+    assert lines[3].startswith("| 0.001 | 2.0 | 0.600 / 0.500 |")  # the worst seed's 2 of 100 latents
+    assert "| -0.005 | no: dead | — / — / — |" in lines[3]
+    rows[3]["dead_latents"] = 1
+    assert "| -0.005 | yes |" in synthetic.promises(rows, d_sae=100).splitlines()[3]
+
+
 def test_synthetic_combine_joins_runs_into_one_summary(tmp_path, capsys):
     """A sweep on one seed and the chosen rate on another: one row per variant over both runs."""
     import json
