@@ -177,7 +177,7 @@ def run_one(
     return {
         "variant": name,
         "architecture": variant["architecture"],
-        "aux_loss": trained.cfg.aux_loss if hasattr(trained.cfg, "aux_loss") else "aux_k",
+        "aux_loss": getattr(trained.cfg, "aux_loss", "aux_k"),  # SAELens's TopK / BatchTopK: AuxK
         "lr": variant.get("lr", settings["lr"]),
         "seed": seed,
         "mcc": result.mcc,

@@ -181,6 +181,7 @@ def test_full_benchmark_configs_build_every_sae():
     sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their sibling bench_common
     synthetic = importlib.import_module("synthetic")
     real_activations = importlib.import_module("real_activations")
+    importlib.import_module("fc_competition")  # registers the diagnosis' feature_choice_ranked
 
     for path in sorted((ROOT / "configs" / "benchmarks").glob("synthetic*.yaml")):  # with the diagnosis ones
         settings = synthetic.expand_lr_sweep(synthetic.load_settings(path, quick=False))
