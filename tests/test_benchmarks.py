@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sae_mutual_choice.app.cli import demo_config
 from sae_mutual_choice.app.compare import CompareSpec
@@ -278,12 +279,34 @@ def test_synthetic_promises_check_feature_choice_against_topk_per_learning_rate(
         row("mutual_choice", 3e-4, 0, 60, 0.5, 0.4, 0.6, "aux_zipf"),
     ]
     lines = synthetic.promises(rows, d_sae=100).splitlines()
-    assert lines[2].startswith("| 0.0003 | 0.0 | 0.400 / 0.500 |")
+    assert lines[2].startswith("| 0.0003 | 0.0 | 0.400 / 0.500 | 0.400 / 0.500 | — |")  # no recovery figures
     assert "no: uniqueness, MCC, EV | 70 / — / 60 |" in lines[2]
     assert lines[3].startswith("| 0.001 | 2.0 | 0.600 / 0.500 |")  # the worst seed's 2 of 100 latents
     assert "| -0.005 | no: dead | — / — / — |" in lines[3]
     rows[3]["dead_latents"] = 1
     assert "| -0.005 | yes |" in synthetic.promises(rows, d_sae=100).splitlines()[3]
+    for r, recovered in zip(rows[:4], (30, 32, 40, 41), strict=True):
+        r["recovered_features"] = recovered
+    assert (
+        "| 0.600 / 0.500 | 40 / 31 | 0.500 / 0.400 |" in synthetic.promises(rows, d_sae=100).splitlines()[3]
+    )
+
+
+def test_synthetic_recovery_counts_features_and_latents_at_the_cosine_threshold():
+    """A feature counts once however many latents recover it; unlearned latents recover nothing."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    synthetic = importlib.import_module("synthetic")
+    features = torch.eye(4)
+    below = synthetic.RECOVERED_COSINE - 0.05
+    decoder = torch.stack(
+        [
+            torch.tensor([1.0, 0, 0, 0]),
+            torch.tensor([-2.0, 0.1, 0, 0]),  # the same feature, negated and scaled: a duplicate
+            torch.tensor([0, 0, below, (1 - below**2) ** 0.5]),  # matches nothing well enough
+            torch.tensor([0, 0, 0, 1.0]),
+        ]
+    )
+    assert synthetic.recovery(decoder, features) == {"recovered_features": 2, "recovering_latents": 3}
 
 
 def test_synthetic_combine_joins_runs_into_one_summary(tmp_path, capsys):
