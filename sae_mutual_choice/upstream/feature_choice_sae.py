@@ -170,11 +170,15 @@ class FeatureChoiceTrainingSAEConfig(MutualChoiceTrainingSAEConfig):
             is starved.
         aux_loss (str): see AdaptiveAllocationTrainingSAEConfig; defaults to
             ``"aux_zipf"``, which kept more latents alive with Feature Choice.
+        usage_window (int): see AdaptiveAllocationTrainingSAEConfig; here also the
+            time constant of the demand the capacities follow. Defaults to 100, so
+            that a latent's capacity keeps up with what its encoder learns.
         k (float): mean number of latents per token: the capacities of a batch of B
             tokens sum to ``int(k * B)``.
     """
 
     aux_loss: AuxLoss = "aux_zipf"
+    usage_window: int = 100
     capacity: Literal["uniform", "zipf", "demand"] = "demand"
     zipf_exponent: float | None = None
     min_capacity_ratio: float = 0.1

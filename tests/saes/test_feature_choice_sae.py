@@ -77,6 +77,26 @@ def test_demand_follows_the_mutual_choice_wins():
     torch.testing.assert_close(sae.latent_demand / sae.latent_demand_weight, expected)
 
 
+def test_demand_follows_the_wins_over_100_steps_by_default():
+    """The demand's time constant defaults to 100 steps for Feature Choice (1000 for
+    the statistics of the other architectures)."""
+    sae = build_sae()
+    assert sae.cfg.usage_window == 100
+    wins = []
+    for _ in range(2):
+        x = torch.randn(32, 16)
+        flat = sae.encode_with_hidden_pre(x)[1].detach().flatten()
+        won = torch.zeros(64 * 32)
+        won[flat.topk(128).indices] = 1.0
+        wins.append(won.reshape(32, 64).sum(0) / 128)
+        sae.training_forward_pass(step_input(x))
+
+    rate = 1 / 100
+    expected = ((1 - rate) * rate * wins[0] + rate * wins[1]) / (1 - (1 - rate) ** 2)
+    demand = sae.latent_demand / sae.latent_demand_weight
+    torch.testing.assert_close(demand, expected)
+
+
 def test_calibrated_export_fires_each_latent_on_its_capacity(tmp_path: Path):
     sae = build_sae()
     for _ in range(3):
