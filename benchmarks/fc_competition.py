@@ -5,8 +5,14 @@ its ``m_j`` best tokens and only positive scores fire, but "best" is ranked by a
 the raw score. ``ranking``: ``"score"`` (Feature Choice as shipped), ``"margin"`` (score minus
 ``margin_weight`` times the token's (k+1)-th score, the cut a latent must beat in TopK; annealed linearly
 to the raw score over ``anneal_steps`` training steps when > 0), ``"relative"`` (score over the token's
-best score) or ``"softmax"`` (softmax over latents per token, as in expert-choice routing). The export
-is Feature Choice's (per-latent thresholds on raw scores). Then runs ``synthetic.py`` with the arguments:
+best score) or ``"softmax"`` (softmax over latents per token, as in expert-choice routing). Three more
+knobs act on the *floor latents* (whose demand-proportional share is below the floor's, so the floor
+sets their capacity) or on the demand: ``floor_ranking: "margin"`` ranks only their tokens by the margin;
+``floor_learning: "aux"`` keeps their pairs in the reconstruction but stops the main loss's gradient to
+them (encoder and decoder), so they learn from the aux loss alone, as AuxK's dead latents do;
+``demand: "token_choice"`` measures demand as each latent's share of the batch's TopK selection (the
+token's k best positive scores) instead of Mutual Choice's. The export is Feature Choice's (per-latent
+thresholds on raw scores). Then runs ``synthetic.py`` with the arguments:
 
     python benchmarks/fc_competition.py --config configs/benchmarks/synthetic_fc_competition.yaml
 """
@@ -20,8 +26,9 @@ from pathlib import Path
 import torch
 from sae_lens.registry import register_sae_training_class
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
+from sae_lens.saes.topk_sae import act_times_W_dec
 
-from sae_mutual_choice.upstream.adaptive_allocation import fire, over_tokens, top_m_mask
+from sae_mutual_choice.upstream.adaptive_allocation import debiased, fire, over_tokens, top_m_mask
 from sae_mutual_choice.upstream.feature_choice_sae import (
     FeatureChoiceTrainingSAE,
     FeatureChoiceTrainingSAEConfig,
@@ -33,6 +40,9 @@ class RankedFeatureChoiceConfig(FeatureChoiceTrainingSAEConfig):
     ranking: str = "margin"
     margin_weight: float = 1.0
     anneal_steps: int = 0
+    floor_ranking: str = "score"
+    floor_learning: str = "main"
+    demand: str = "mutual_choice"
 
     @classmethod
     def architecture(cls) -> str:
@@ -42,6 +52,7 @@ class RankedFeatureChoiceConfig(FeatureChoiceTrainingSAEConfig):
 class RankedFeatureChoiceSAE(FeatureChoiceTrainingSAE):
     cfg: RankedFeatureChoiceConfig  # type: ignore[assignment]
     step = 0
+    floor: torch.Tensor | None = None
 
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         self.step = step_input.n_training_steps
@@ -61,14 +72,49 @@ class RankedFeatureChoiceSAE(FeatureChoiceTrainingSAE):
             return torch.softmax(scores, dim=1)
         return scores
 
+    def cut(self, scores: torch.Tensor) -> torch.Tensor:
+        """Each token's (k+1)-th score, (batch_size, 1)."""
+        return scores.topk(max(1, round(self.cfg.k)) + 1, dim=1).values[:, -1:]
+
+    def floor_latents(self) -> torch.Tensor:
+        """Latents whose demand-proportional share is below the floor's, (d_sae,) bool."""
+        demand = debiased(self.latent_demand, self.latent_demand_weight)
+        share = demand / demand.sum().clamp(min=torch.finfo(demand.dtype).tiny)
+        ratio = self.cfg.min_capacity_ratio
+        return (self.latent_demand_weight > 0) & ((1 - ratio) * share < ratio / self.cfg.d_sae)
+
+    def demand_wins(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
+        if self.cfg.demand != "token_choice":
+            return super().demand_wins(scores, budget)
+        best = scores.topk(max(1, round(self.cfg.k)), dim=1).indices
+        won = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, best, True) & (scores > 0)
+        return won.sum(0).float() * budget / max(1, int(won.sum()))
+
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         return self.activate
 
     def activate(self, scores: torch.Tensor) -> torch.Tensor:
         def rule(s: torch.Tensor) -> torch.Tensor:
-            return fire(s, top_m_mask(self.preference(s), self.batch_capacities(s), dim=0))
+            capacities = self.batch_capacities(s)
+            preference = self.preference(s)
+            floor = self.floor_latents()
+            if self.cfg.floor_ranking == "margin" and self.in_training_step:
+                preference = torch.where(floor, s - self.cut(s), preference)
+            acts = fire(s, top_m_mask(preference, capacities, dim=0))
+            if self.cfg.floor_learning == "aux" and self.in_training_step:
+                self.floor = floor
+                acts = torch.where(floor, acts.detach(), acts)
+            return acts
 
         return over_tokens(rule)(scores)
+
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        if self.floor is None or not self.in_training_step:
+            return super().decode(feature_acts)
+        W_dec = torch.where(self.floor[:, None], self.W_dec.detach(), self.W_dec)
+        out = act_times_W_dec(feature_acts, W_dec, self.cfg.rescale_acts_by_decoder_norm) + self.b_dec
+        out = self.run_time_activation_norm_fn_out(self.hook_sae_recons(out))
+        return self.reshape_fn_out(out, self.d_head)
 
 
 register_sae_training_class("feature_choice_ranked", RankedFeatureChoiceSAE, RankedFeatureChoiceConfig)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import forward_and_grads, step_input
 
 from sae_mutual_choice.app.cli import demo_config
 from sae_mutual_choice.app.compare import CompareSpec
@@ -336,3 +337,35 @@ def test_synthetic_combine_joins_runs_into_one_summary(tmp_path, capsys):
     assert summary["topk, lr 0.003"]["explained_variance"] == pytest.approx(0.75)
     best = capsys.readouterr().out.split("best learning rate")[1]
     assert "topk, lr 0.003" in best and "topk, lr 0.001" not in best
+
+
+def test_fc_competition_floor_latents_learn_from_the_aux_loss_alone():
+    """fc_competition.py's ``floor_learning: aux``: floor latents still fire, but the main loss sends them
+    no gradient (encoder or decoder); the aux loss does, and without the knob the main loss does too."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    fc_competition = importlib.import_module("fc_competition")
+
+    def floor_gradients(
+        floor_learning: str, aux_loss: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        cfg = fc_competition.RankedFeatureChoiceConfig(
+            d_in=16, d_sae=32, k=4.0, ranking="score", floor_learning=floor_learning, aux_loss=aux_loss
+        )
+        sae = fc_competition.RankedFeatureChoiceSAE(cfg)
+        with torch.no_grad():  # latents 0-7 with no demand: the floor sets their capacity
+            sae.latent_demand.copy_(torch.cat([torch.zeros(8), torch.ones(24)]))
+            sae.latent_demand_weight.fill_(1.0)
+        floor = sae.floor_latents()
+        dead = torch.arange(32) < 8 if aux_loss == "aux_k" else None  # AuxK on the floor latents
+        out, grads = forward_and_grads(sae, step_input(torch.randn(64, 16), dead=dead))
+        fired = out.feature_acts[:, floor].gt(0).any(0)
+        return fired, grads["W_enc"][:, floor].abs().sum(0), grads["W_dec"][floor].abs().sum(1)
+
+    fired, enc, dec = floor_gradients("aux", "none")
+    assert fired.all()
+    assert (enc == 0).all() and (dec == 0).all()
+    fired, enc, dec = floor_gradients("main", "none")
+    assert fired.all() and (enc > 0).all() and (dec > 0).all()
+    _, enc, dec = floor_gradients("aux", "aux_k")
+    assert (enc > 0).all() and (dec > 0).all()
