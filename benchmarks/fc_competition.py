@@ -52,7 +52,6 @@ class RankedFeatureChoiceConfig(FeatureChoiceTrainingSAEConfig):
 class RankedFeatureChoiceSAE(FeatureChoiceTrainingSAE):
     cfg: RankedFeatureChoiceConfig  # type: ignore[assignment]
     step = 0
-    floor: torch.Tensor | None = None
 
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         self.step = step_input.n_training_steps
@@ -64,8 +63,7 @@ class RankedFeatureChoiceSAE(FeatureChoiceTrainingSAE):
             weight = self.cfg.margin_weight
             if self.cfg.anneal_steps:
                 weight *= max(0.0, 1 - self.step / self.cfg.anneal_steps) if self.in_training_step else 0.0
-            cut = scores.topk(max(1, round(self.cfg.k)) + 1, dim=1).values[:, -1:]
-            return scores - weight * cut
+            return scores - weight * self.cut(scores)
         if self.cfg.ranking == "relative":
             return scores / scores.max(dim=1, keepdim=True).values.clamp(min=1e-6)
         if self.cfg.ranking == "softmax":
@@ -95,23 +93,22 @@ class RankedFeatureChoiceSAE(FeatureChoiceTrainingSAE):
 
     def activate(self, scores: torch.Tensor) -> torch.Tensor:
         def rule(s: torch.Tensor) -> torch.Tensor:
-            capacities = self.batch_capacities(s)
+            capacities = self.batch_capacities(s)  # updates the demand the floor latents follow
             preference = self.preference(s)
-            floor = self.floor_latents()
             if self.cfg.floor_ranking == "margin" and self.in_training_step:
-                preference = torch.where(floor, s - self.cut(s), preference)
+                preference = torch.where(self.floor_latents(), s - self.cut(s), preference)
             acts = fire(s, top_m_mask(preference, capacities, dim=0))
             if self.cfg.floor_learning == "aux" and self.in_training_step:
-                self.floor = floor
-                acts = torch.where(floor, acts.detach(), acts)
+                acts = torch.where(self.floor_latents(), acts.detach(), acts)
             return acts
 
         return over_tokens(rule)(scores)
 
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
-        if self.floor is None or not self.in_training_step:
+        if self.cfg.floor_learning != "aux" or not self.in_training_step:
             return super().decode(feature_acts)
-        W_dec = torch.where(self.floor[:, None], self.W_dec.detach(), self.W_dec)
+        # The demand is as activate() left it, so these are the floor latents it detached.
+        W_dec = torch.where(self.floor_latents()[:, None], self.W_dec.detach(), self.W_dec)
         out = act_times_W_dec(feature_acts, W_dec, self.cfg.rescale_acts_by_decoder_norm) + self.b_dec
         out = self.run_time_activation_norm_fn_out(self.hook_sae_recons(out))
         return self.reshape_fn_out(out, self.d_head)
