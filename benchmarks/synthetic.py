@@ -323,10 +323,34 @@ def table(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def family(row: dict[str, Any]) -> str:
+    """The variant a row belongs to, without the learning rate a sweep added to its name."""
+    return str(row.get("variant", row["architecture"])).split(", lr ")[0]
+
+
 def promises(rows: list[dict[str, Any]], d_sae: int) -> str:
     """Issue 26's checks per learning rate, on means over seeds (dead latents: the worst seed): Feature
     Choice's exported SAE against TopK's (dead <= 1 % of latents, uniqueness >= TopK's, MCC >= TopK's,
-    explained variance at least TopK's - 0.01), and Mutual Choice's dead latents against BatchTopK's."""
+    explained variance at least TopK's - 0.01), and Mutual Choice's dead latents against BatchTopK's.
+    Rows of several Feature Choice or TopK variants give one table per pair, never a mean across them."""
+    pairs = [
+        (fc, topk)
+        for fc in dict.fromkeys(family(r) for r in rows if r["architecture"] == "feature_choice")
+        for topk in dict.fromkeys(family(r) for r in rows if r["architecture"] == "topk")
+    ]
+    if len(pairs) <= 1:
+        return _promises(rows, d_sae)
+    tables = []
+    for fc, topk in pairs:
+        mine = [
+            r for r in rows if r["architecture"] not in ("feature_choice", "topk") or family(r) in (fc, topk)
+        ]
+        tables.append(f"{fc} against {topk}:\n\n{_promises(mine, d_sae)}")
+    return "\n\n".join(tables)
+
+
+def _promises(rows: list[dict[str, Any]], d_sae: int) -> str:
+    """:func:`promises` for rows of one Feature Choice and one TopK variant."""
 
     def runs(architecture: str, lr: float, aux_loss: str | None = None) -> list[dict[str, Any]]:
         return [

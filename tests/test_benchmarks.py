@@ -369,3 +369,34 @@ def test_fc_competition_floor_latents_learn_from_the_aux_loss_alone():
     assert fired.all() and (enc > 0).all() and (dec > 0).all()
     _, enc, dec = floor_gradients("aux", "aux_k")
     assert (enc > 0).all() and (dec > 0).all()
+
+
+def test_synthetic_promises_keep_each_feature_choice_variant_apart():
+    """Files of two Feature Choice variants combined: one table per variant, never their mean."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    synthetic = importlib.import_module("synthetic")
+
+    def row(variant, architecture, unique):
+        return {
+            "variant": f"{variant}, lr 0.001",
+            "architecture": architecture,
+            "aux_loss": "aux_zipf",
+            "lr": 1e-3,
+            "seed": 0,
+            "dead_latents": 0,
+            "uniqueness": unique,
+            "live_uniqueness": unique,
+            "mcc": 0.55,
+            "explained_variance": 0.7,
+        }
+
+    rows = [
+        row("topk", "topk", 0.5),
+        row("feature_choice", "feature_choice", 0.6),
+        row("fc b", "feature_choice", 0.4),
+    ]
+    text = synthetic.promises(rows, d_sae=100)
+    assert "feature_choice against topk:" in text and "fc b against topk:" in text
+    assert "| 0.600 / 0.500 |" in text and "| 0.400 / 0.500 |" in text
+    assert "0.500 / 0.500" not in text  # the pooled mean of 0.6 and 0.4
+    assert "against" not in synthetic.promises(rows[:2], d_sae=100)  # one pair: one table, as before
