@@ -11,7 +11,10 @@ sets their capacity) or on the demand: ``floor_ranking: "margin"`` ranks only th
 ``floor_learning: "aux"`` keeps their pairs in the reconstruction but stops the main loss's gradient to
 them (encoder and decoder), so they learn from the aux loss alone, as AuxK's dead latents do;
 ``demand: "token_choice"`` measures demand as each latent's share of the batch's TopK selection (the
-token's k best positive scores) instead of Mutual Choice's. The export is Feature Choice's (per-latent
+token's k best positive scores) instead of Mutual Choice's; ``floor: "max"`` makes the floor a minimum, each
+latent's capacity ``max(floor, c * demand share)`` with ``c`` such that they sum to the budget, instead of
+mixing ``min_capacity_ratio`` of the uniform share into every latent's (which takes the floor's tokens from
+every latent, not only from those above it). The export is Feature Choice's (per-latent
 thresholds on raw scores). Then runs ``synthetic.py`` with the arguments:
 
     python benchmarks/fc_competition.py --config configs/benchmarks/synthetic_fc_competition.yaml
@@ -28,10 +31,17 @@ from sae_lens.registry import register_sae_training_class
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import act_times_W_dec
 
-from sae_mutual_choice.upstream.adaptive_allocation import debiased, fire, over_tokens, top_m_mask
+from sae_mutual_choice.upstream.adaptive_allocation import (
+    batch_budget,
+    debiased,
+    fire,
+    over_tokens,
+    top_m_mask,
+)
 from sae_mutual_choice.upstream.feature_choice_sae import (
     FeatureChoiceTrainingSAE,
     FeatureChoiceTrainingSAEConfig,
+    capacities_from_shares,
 )
 
 
@@ -43,6 +53,7 @@ class RankedFeatureChoiceConfig(FeatureChoiceTrainingSAEConfig):
     floor_ranking: str = "score"
     floor_learning: str = "main"
     demand: str = "mutual_choice"
+    floor: str = "mix"
 
     @classmethod
     def architecture(cls) -> str:
@@ -80,6 +91,25 @@ class RankedFeatureChoiceSAE(FeatureChoiceTrainingSAE):
         share = demand / demand.sum().clamp(min=torch.finfo(demand.dtype).tiny)
         ratio = self.cfg.min_capacity_ratio
         return (self.latent_demand_weight > 0) & ((1 - ratio) * share < ratio / self.cfg.d_sae)
+
+    def capacities(self, n_tokens: int) -> torch.Tensor:
+        if self.cfg.floor != "max" or self.cfg.capacity != "demand":
+            return super().capacities(n_tokens)
+        demand = debiased(self.latent_demand, self.latent_demand_weight).double()
+        floor = self.cfg.min_capacity_ratio / demand.numel()
+        shares = torch.full_like(demand, 1 / demand.numel())
+        if float(demand.sum()) > 0:
+            share = demand / demand.sum()
+            # The latents at the floor: a fixed point, reached in a few rounds.
+            at_floor = torch.zeros_like(share, dtype=torch.bool)
+            for _ in range(50):
+                scale = (1 - floor * at_floor.sum()) / share[~at_floor].sum()
+                grown = at_floor | (share * scale < floor)
+                if bool((grown == at_floor).all()):
+                    break
+                at_floor = grown
+            shares = torch.where(at_floor, floor, share * scale)
+        return capacities_from_shares(shares, batch_budget(self.cfg.k, n_tokens), n_tokens, 0.0)
 
     def demand_wins(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
         if self.cfg.demand != "token_choice":

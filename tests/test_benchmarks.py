@@ -400,3 +400,31 @@ def test_synthetic_promises_keep_each_feature_choice_variant_apart():
     assert "| 0.600 / 0.500 |" in text and "| 0.400 / 0.500 |" in text
     assert "0.500 / 0.500" not in text  # the pooled mean of 0.6 and 0.4
     assert "against" not in synthetic.promises(rows[:2], d_sae=100)  # one pair: one table, as before
+
+
+def test_fc_competition_floor_as_a_minimum():
+    """fc_competition.py's ``floor: max``: latents below the floor get exactly the floor, the others keep
+    capacities in proportion to their demand, and together they fill the budget; the shipped floor instead
+    gives every latent the floor plus a share of the rest."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    fc_competition = importlib.import_module("fc_competition")
+
+    def capacities(floor: str) -> torch.Tensor:
+        cfg = fc_competition.RankedFeatureChoiceConfig(
+            d_in=16, d_sae=32, k=4.0, ranking="score", min_capacity_ratio=0.5, floor=floor
+        )
+        sae = fc_competition.RankedFeatureChoiceSAE(cfg)
+        with torch.no_grad():  # latents 0-7 with no demand, 8-31 with demand 1, 2, 1, 2, ...
+            sae.latent_demand.copy_(torch.cat([torch.zeros(8), torch.tensor([1.0, 2.0]).repeat(12)]))
+            sae.latent_demand_weight.fill_(1.0)
+        return sae.capacities(64)
+
+    floor = 0.5 * 4.0 * 64 / 32  # min_capacity_ratio of the uniform capacity k * B / d_sae
+    minimum = capacities("max")
+    assert float(minimum.sum()) == pytest.approx(4.0 * 64)
+    assert minimum[:8].tolist() == pytest.approx([floor] * 8)
+    assert (minimum[9::2] / minimum[8::2]).tolist() == pytest.approx([2.0] * 12)
+    mixed = capacities("mix")
+    assert float(mixed.sum()) == pytest.approx(4.0 * 64)
+    assert mixed[:8].tolist() == pytest.approx([floor] * 8)
+    assert mixed[9] < minimum[9]  # the shipped floor takes its tokens from every latent
