@@ -246,16 +246,16 @@ def expand_lr_sweep(settings: dict[str, Any]) -> dict[str, Any]:
 
 def best_of_sweep(settings: dict[str, Any], summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per swept variant, the learning rate with the highest mean explained variance; the others as run."""
-    sweep = settings.get("lr_sweep") or {"variants": []}
+    swept = set((settings.get("lr_sweep") or {}).get("variants", []))
+
+    def group(entry: dict[str, Any]) -> str | None:
+        name = family(entry)
+        return name if name in swept and name != entry["variant"] else None
+
     best = []
     for entry in summary:
-        name = entry["variant"]
-        family = next((f for f in sweep["variants"] if name.startswith(f"{f}, lr ")), None)
-        if family is None:
-            best.append(entry)
-            continue
-        rivals = [s for s in summary if s["variant"].startswith(f"{family}, lr ")]
-        if entry is max(rivals, key=lambda s: s["explained_variance"]):
+        rivals = [s for s in summary if group(entry) is not None and group(s) == group(entry)]
+        if not rivals or entry is max(rivals, key=lambda s: s["explained_variance"]):
             best.append(entry)
     return best
 
@@ -325,7 +325,7 @@ def table(summary: list[dict[str, Any]]) -> str:
 
 def family(row: dict[str, Any]) -> str:
     """The variant a row belongs to, without the learning rate a sweep added to its name."""
-    return str(row.get("variant", row["architecture"])).split(", lr ")[0]
+    return str(row["variant"] if "variant" in row else row["architecture"]).split(", lr ")[0]
 
 
 def promises(rows: list[dict[str, Any]], d_sae: int) -> str:
