@@ -254,7 +254,8 @@ def best_of_sweep(settings: dict[str, Any], summary: list[dict[str, Any]]) -> li
 
     best = []
     for entry in summary:
-        rivals = [s for s in summary if group(entry) is not None and group(s) == group(entry)]
+        mine = group(entry)
+        rivals = [s for s in summary if group(s) == mine] if mine else []
         if not rivals or entry is max(rivals, key=lambda s: s["explained_variance"]):
             best.append(entry)
     return best
